@@ -1,0 +1,1 @@
+//! Disk images for rvirt: raw and qcow2, with the qemu-img semantics users know.

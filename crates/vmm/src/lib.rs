@@ -1,0 +1,1 @@
+//! rvirt-vmm: the virtual machine monitor library.
