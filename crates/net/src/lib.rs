@@ -1,0 +1,1 @@
+//! rvirt virtual networks: bridges, TAPs, dnsmasq and nftables.

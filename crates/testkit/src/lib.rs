@@ -1,0 +1,1 @@
+//! Tiny guest programs and helpers for rvirt's KVM tests.
