@@ -1,0 +1,3 @@
+//! rvirtd: rvirt's management daemon, as a library so that its parts are testable alone.
+
+pub mod xml;

@@ -1,0 +1,924 @@
+//! The typed view of a libvirt domain definition, read from (and edited through) the element
+//! tree so that dumpxml returns everything the user wrote.
+
+use super::cpuset::CpuSet;
+use super::tree::{Element, Position, SyntaxError};
+use std::collections::BTreeSet;
+
+/// Why a definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainXmlError {
+    #[error(transparent)]
+    Syntax(#[from] SyntaxError),
+    #[error("invalid domain XML at {position}: {message}")]
+    Invalid { position: Position, message: String },
+    #[error("unsupported configuration at {position}: {message}")]
+    Unsupported { position: Position, message: String },
+}
+
+fn invalid(el: &Element, message: impl Into<String>) -> DomainXmlError {
+    DomainXmlError::Invalid {
+        position: el.position,
+        message: message.into(),
+    }
+}
+
+fn unsupported(el: &Element, message: impl Into<String>) -> DomainXmlError {
+    DomainXmlError::Unsupported {
+        position: el.position,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleAction {
+    Destroy,
+    Restart,
+}
+
+impl LifecycleAction {
+    fn parse(el: &Element, allowed_default: LifecycleAction) -> Result<Self, DomainXmlError> {
+        match el.text().as_str() {
+            "destroy" => Ok(LifecycleAction::Destroy),
+            "restart" => Ok(LifecycleAction::Restart),
+            "" => Ok(allowed_default),
+            other @ ("preserve" | "rename-restart" | "coredump-destroy" | "coredump-restart") => {
+                Err(unsupported(
+                    el,
+                    format!(
+                        "<{}>{other}</{}> is not supported; use destroy or restart",
+                        el.name, el.name
+                    ),
+                ))
+            }
+            other => Err(invalid(
+                el,
+                format!(
+                    "<{}> has unknown action '{other}' (expected destroy or restart)",
+                    el.name
+                ),
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub source: String,
+    pub format: DiskFormat,
+    pub cache: Option<String>,
+    pub readonly: bool,
+    pub target: String,
+    pub bus: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceSource {
+    Network(String),
+    Bridge(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub source: InterfaceSource,
+    pub mac: Option<String>,
+    pub model: String,
+    /// `<target dev=.../>` when present (the TAP name).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Graphics {
+    pub kind: String,
+    pub port: Option<i32>,
+    pub listen: Option<String>,
+}
+
+/// Everything rvirt acts on, read from a definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainDef {
+    pub domain_type: String,
+    pub name: String,
+    pub uuid: Option<String>,
+    pub memory_kib: u64,
+    pub current_memory_kib: u64,
+    pub vcpus: u32,
+    pub vcpus_current: u32,
+    pub vcpu_placement: String,
+    pub vcpu_cpuset: Option<CpuSet>,
+    pub os_type: String,
+    pub arch: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    pub boot: Vec<String>,
+    pub on_poweroff: LifecycleAction,
+    pub on_reboot: LifecycleAction,
+    pub on_crash: LifecycleAction,
+    pub acpi: bool,
+    pub cpu_mode: Option<String>,
+    pub vcpupin: Vec<(u32, CpuSet)>,
+    pub emulatorpin: Option<CpuSet>,
+    pub hugepages: bool,
+    pub nosharepages: bool,
+    pub disks: Vec<Disk>,
+    pub interfaces: Vec<Interface>,
+    pub serials: usize,
+    pub consoles: usize,
+    pub graphics: Vec<Graphics>,
+    pub memballoon: Option<String>,
+    pub rng: Option<String>,
+}
+
+/// A parsed definition: the full tree (source of truth for dumpxml), the typed view, and the
+/// warnings about parts that are kept but ignored.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub tree: Element,
+    pub def: DomainDef,
+    pub warnings: Vec<String>,
+}
+
+/// Scales a libvirt memory value with its `unit` attribute to KiB (libvirt's default unit),
+/// rounding up as libvirt does.
+pub fn memory_to_kib(value: u64, unit: &str) -> Option<u64> {
+    let bytes_per: u128 = match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "K" | "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "T" | "TiB" => 1 << 40,
+        "PB" => 1_000_000_000_000_000,
+        "P" | "PiB" => 1 << 50,
+        "EB" => 1_000_000_000_000_000_000,
+        "E" | "EiB" => 1 << 60,
+        _ => return None,
+    };
+    let bytes = value as u128 * bytes_per;
+    u64::try_from(bytes.div_ceil(1024)).ok()
+}
+
+fn memory(el: &Element) -> Result<u64, DomainXmlError> {
+    let text = el.text();
+    let value: u64 = text
+        .parse()
+        .map_err(|_| invalid(el, format!("<{}> value '{text}' is not a number", el.name)))?;
+    let unit = el.attr("unit").unwrap_or("KiB");
+    let kib = memory_to_kib(value, unit).ok_or_else(|| {
+        invalid(
+            el,
+            format!(
+                "<{}> has unknown unit '{unit}' (use KiB, MiB, GiB, ...)",
+                el.name
+            ),
+        )
+    })?;
+    if kib == 0 {
+        return Err(invalid(el, format!("<{}> must be above zero", el.name)));
+    }
+    Ok(kib)
+}
+
+fn number<T: std::str::FromStr>(el: &Element, what: &str, text: &str) -> Result<T, DomainXmlError> {
+    text.trim().parse().map_err(|_| {
+        invalid(
+            el,
+            format!("{what} '{text}' in <{}> is not a valid number", el.name),
+        )
+    })
+}
+
+fn cpuset(el: &Element, text: &str) -> Result<CpuSet, DomainXmlError> {
+    CpuSet::parse(text).map_err(|e| invalid(el, format!("<{}>: {e}", el.name)))
+}
+
+/// Element paths (below `<domain>`) that rvirt reads and acts on.
+const SUPPORTED: &[&str] = &[
+    "name",
+    "uuid",
+    "memory",
+    "currentMemory",
+    "vcpu",
+    "os",
+    "os/type",
+    "os/kernel",
+    "os/initrd",
+    "os/cmdline",
+    "os/boot",
+    "on_poweroff",
+    "on_reboot",
+    "on_crash",
+    "features",
+    "features/acpi",
+    "cpu",
+    "cputune",
+    "cputune/vcpupin",
+    "cputune/emulatorpin",
+    "memoryBacking",
+    "memoryBacking/hugepages",
+    "memoryBacking/nosharepages",
+    "devices",
+    "devices/disk",
+    "devices/disk/driver",
+    "devices/disk/source",
+    "devices/disk/target",
+    "devices/disk/readonly",
+    "devices/interface",
+    "devices/interface/source",
+    "devices/interface/mac",
+    "devices/interface/model",
+    "devices/interface/target",
+    "devices/serial",
+    "devices/serial/target",
+    "devices/console",
+    "devices/console/target",
+    "devices/graphics",
+    "devices/graphics/listen",
+    "devices/memballoon",
+    "devices/rng",
+    "devices/rng/backend",
+];
+
+/// Paths that carry no behaviour for rvirt (descriptions, host-side details that have no
+/// equivalent in a one-process-per-VM design): kept on dumpxml, not warned about. A trailing `*`
+/// covers the whole subtree.
+const QUIET: &[&str] = &[
+    "title",
+    "description",
+    "metadata*",
+    "clock*",
+    "pm*",
+    "resource*",
+    "seclabel*",
+    "devices/emulator",
+    "devices/controller*",
+    "devices/input*",
+    "devices/video*",
+    "*address",
+    "*alias",
+    "features/apic",
+    "features/pae",
+    "features/vmport",
+    "cpu/topology",
+    "cpu/model",
+    "cpu/feature",
+    "devices/disk/boot",
+    "devices/interface/boot",
+    "devices/serial/target/model",
+];
+
+fn is_quiet(path: &str) -> bool {
+    QUIET.iter().any(|q| {
+        if let Some(tail) = q.strip_prefix('*') {
+            path == tail || path.ends_with(&format!("/{tail}"))
+        } else if let Some(head) = q.strip_suffix('*') {
+            path == head || path.starts_with(&format!("{head}/"))
+        } else {
+            path == *q
+        }
+    })
+}
+
+fn collect_unknown(el: &Element, prefix: &str, seen: &mut BTreeSet<String>, out: &mut Vec<String>) {
+    for child in el.elements() {
+        let path = if prefix.is_empty() {
+            child.name.clone()
+        } else {
+            format!("{prefix}/{}", child.name)
+        };
+        if is_quiet(&path) {
+            continue;
+        }
+        if !SUPPORTED.contains(&path.as_str()) {
+            if seen.insert(path.clone()) {
+                out.push(format!(
+                    "element <{path}> (first at {}) is not used by rvirt; it is kept as written",
+                    child.position
+                ));
+            }
+            continue;
+        }
+        collect_unknown(child, &path, seen, out);
+    }
+}
+
+impl Domain {
+    pub fn parse(xml: &str) -> Result<Domain, DomainXmlError> {
+        let tree = Element::parse(xml)?;
+        Domain::from_tree(tree)
+    }
+
+    pub fn from_tree(tree: Element) -> Result<Domain, DomainXmlError> {
+        let def = read_domain(&tree)?;
+        let mut warnings = Vec::new();
+        collect_unknown(&tree, "", &mut BTreeSet::new(), &mut warnings);
+        Ok(Domain {
+            tree,
+            def,
+            warnings,
+        })
+    }
+
+    pub fn to_xml(&self) -> String {
+        self.tree.to_xml()
+    }
+
+    /// Sets `<uuid>` (placed after `<name>` as libvirt writes it).
+    pub fn set_uuid(&mut self, uuid: &str) {
+        match self.tree.child_mut("uuid") {
+            Some(el) => el.set_text(uuid),
+            None => self
+                .tree
+                .insert_after(&["name"], Element::new("uuid").with_text(uuid)),
+        }
+        self.def.uuid = Some(uuid.to_string());
+    }
+
+    /// Gives every interface without `<mac>` one from `next_mac`.
+    pub fn fill_macs(&mut self, mut next_mac: impl FnMut() -> String) {
+        let Some(devices) = self.tree.child_mut("devices") else {
+            return;
+        };
+        for (i, iface) in devices
+            .elements_mut()
+            .filter(|e| e.name == "interface")
+            .enumerate()
+        {
+            if iface.child("mac").and_then(|m| m.attr("address")).is_none() {
+                let mac = next_mac();
+                iface.remove_children("mac");
+                iface.insert_after(&["source"], Element::new("mac").with_attr("address", &mac));
+                if let Some(def) = self.def.interfaces.get_mut(i) {
+                    def.mac = Some(mac);
+                }
+            }
+        }
+    }
+
+    /// Replaces the `<cputune>` pinning with `vcpupin`/`emulatorpin` (virsh vcpupin --config).
+    pub fn set_vcpupin(&mut self, vcpu: u32, cpus: &CpuSet) -> Result<(), DomainXmlError> {
+        let cputune = self.tree.child_or_insert("cputune");
+        let v = vcpu.to_string();
+        let existing = cputune
+            .elements_mut()
+            .find(|e| e.name == "vcpupin" && e.attr("vcpu") == Some(v.as_str()));
+        if let Some(pin) = existing {
+            pin.set_attr("cpuset", &cpus.to_string());
+        } else {
+            cputune.children.push(super::tree::Node::Element(
+                Element::new("vcpupin")
+                    .with_attr("vcpu", &v)
+                    .with_attr("cpuset", &cpus.to_string()),
+            ));
+        }
+        self.def = read_domain(&self.tree)?;
+        Ok(())
+    }
+
+    pub fn set_emulatorpin(&mut self, cpus: &CpuSet) -> Result<(), DomainXmlError> {
+        let cputune = self.tree.child_or_insert("cputune");
+        cputune
+            .child_or_insert("emulatorpin")
+            .set_attr("cpuset", &cpus.to_string());
+        self.def = read_domain(&self.tree)?;
+        Ok(())
+    }
+}
+
+fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
+    if root.name != "domain" {
+        return Err(invalid(
+            root,
+            format!(
+                "the root element is <{}>; a domain definition starts with <domain>",
+                root.name
+            ),
+        ));
+    }
+    let domain_type = root
+        .attr("type")
+        .ok_or_else(|| invalid(root, "<domain> needs a type attribute (type='kvm')"))?
+        .to_string();
+    if domain_type != "kvm" {
+        return Err(unsupported(
+            root,
+            format!("<domain type='{domain_type}'>: rvirt runs only type='kvm' domains"),
+        ));
+    }
+    let name_el = root
+        .child("name")
+        .ok_or_else(|| invalid(root, "<domain> has no <name>"))?;
+    let name = name_el.text();
+    validate_name(&name).map_err(|m| invalid(name_el, m))?;
+    let uuid = match root.child("uuid") {
+        Some(el) => {
+            let text = el.text();
+            let parsed = uuid::Uuid::parse_str(&text)
+                .map_err(|_| invalid(el, format!("<uuid> '{text}' is not a UUID")))?;
+            Some(parsed.hyphenated().to_string())
+        }
+        None => None,
+    };
+    let mem_el = root
+        .child("memory")
+        .or_else(|| root.child("currentMemory"))
+        .ok_or_else(|| invalid(root, "<domain> has no <memory>"))?;
+    let memory_kib = memory(mem_el)?;
+    let current_memory_kib = match root.child("currentMemory") {
+        Some(el) => {
+            let cur = memory(el)?;
+            if cur > memory_kib {
+                return Err(invalid(el, "<currentMemory> is larger than <memory>"));
+            }
+            cur
+        }
+        None => memory_kib,
+    };
+    let (vcpus, vcpus_current, vcpu_placement, vcpu_cpuset) = match root.child("vcpu") {
+        Some(el) => {
+            let n: u32 = number(el, "vCPU count", &el.text())?;
+            if n == 0 || n > 255 {
+                return Err(invalid(el, format!("<vcpu> {n} is out of range 1-255")));
+            }
+            let cur = match el.attr("current") {
+                Some(c) => number(el, "current", c)?,
+                None => n,
+            };
+            if cur == 0 || cur > n {
+                return Err(invalid(el, format!("<vcpu current='{cur}'> must be 1-{n}")));
+            }
+            let placement = el.attr("placement").unwrap_or("static").to_string();
+            if placement != "static" && placement != "auto" {
+                return Err(invalid(
+                    el,
+                    format!("<vcpu placement='{placement}'> must be static or auto"),
+                ));
+            }
+            let set = el.attr("cpuset").map(|s| cpuset(el, s)).transpose()?;
+            (n, cur, placement, set)
+        }
+        None => (1, 1, "static".to_string(), None),
+    };
+    let os = root
+        .child("os")
+        .ok_or_else(|| invalid(root, "<domain> has no <os>"))?;
+    if os.attr("firmware").is_some() || os.child("loader").is_some() || os.child("nvram").is_some()
+    {
+        let el = os.child("loader").or(os.child("nvram")).unwrap_or(os);
+        return Err(unsupported(
+            el,
+            format!("<{}> (firmware boot) is not supported: rvirt boots a kernel directly with <os><kernel>", el.name),
+        ));
+    }
+    let type_el = os
+        .child("type")
+        .ok_or_else(|| invalid(os, "<os> has no <type>hvm</type>"))?;
+    let os_type = type_el.text();
+    if os_type != "hvm" {
+        return Err(unsupported(
+            type_el,
+            format!("<os><type>{os_type}</type>: only hvm is supported"),
+        ));
+    }
+    if let Some(arch) = type_el.attr("arch") {
+        if arch != "x86_64" {
+            return Err(unsupported(
+                type_el,
+                format!("<type arch='{arch}'>: only x86_64 is supported"),
+            ));
+        }
+    }
+    let text_of = |el: &Element, n: &str| el.child(n).map(|c| c.text()).filter(|t| !t.is_empty());
+    let on = |n: &str, d| match root.child(n) {
+        Some(el) => LifecycleAction::parse(el, d),
+        None => Ok(d),
+    };
+    let mut vcpupin = Vec::new();
+    let mut emulatorpin = None;
+    if let Some(ct) = root.child("cputune") {
+        for pin in ct.children_named("vcpupin") {
+            let v: u32 = number(pin, "vcpu", pin.attr("vcpu").unwrap_or(""))?;
+            if v >= vcpus {
+                return Err(invalid(
+                    pin,
+                    format!("<vcpupin vcpu='{v}'>: the domain has vCPUs 0-{}", vcpus - 1),
+                ));
+            }
+            let set = cpuset(pin, pin.attr("cpuset").unwrap_or(""))?;
+            vcpupin.push((v, set));
+        }
+        if let Some(pin) = ct.child("emulatorpin") {
+            emulatorpin = Some(cpuset(pin, pin.attr("cpuset").unwrap_or(""))?);
+        }
+    }
+    let mb = root.child("memoryBacking");
+    if let Some(hp) = mb.and_then(|m| m.child("hugepages")) {
+        if hp.child("page").is_some() {
+            return Err(unsupported(
+                hp,
+                "<hugepages><page> (explicit page sizes/nodes) is not supported; use <hugepages/>",
+            ));
+        }
+    }
+    let (disks, interfaces, extras) = match root.child("devices") {
+        Some(d) => read_devices(d)?,
+        None => Default::default(),
+    };
+    Ok(DomainDef {
+        domain_type,
+        name,
+        uuid,
+        memory_kib,
+        current_memory_kib,
+        vcpus,
+        vcpus_current,
+        vcpu_placement,
+        vcpu_cpuset,
+        os_type,
+        arch: type_el.attr("arch").map(str::to_string),
+        kernel: text_of(os, "kernel"),
+        initrd: text_of(os, "initrd"),
+        cmdline: text_of(os, "cmdline"),
+        boot: os
+            .children_named("boot")
+            .filter_map(|b| b.attr("dev").map(str::to_string))
+            .collect(),
+        on_poweroff: on("on_poweroff", LifecycleAction::Destroy)?,
+        on_reboot: on("on_reboot", LifecycleAction::Restart)?,
+        on_crash: on("on_crash", LifecycleAction::Destroy)?,
+        acpi: root
+            .child("features")
+            .is_some_and(|f| f.child("acpi").is_some()),
+        cpu_mode: root
+            .child("cpu")
+            .and_then(|c| c.attr("mode"))
+            .map(str::to_string),
+        vcpupin,
+        emulatorpin,
+        hugepages: mb.is_some_and(|m| m.child("hugepages").is_some()),
+        nosharepages: mb.is_some_and(|m| m.child("nosharepages").is_some()),
+        disks,
+        interfaces,
+        serials: extras.serials,
+        consoles: extras.consoles,
+        graphics: extras.graphics,
+        memballoon: extras.memballoon,
+        rng: extras.rng,
+    })
+}
+
+/// Domain names become file names and appear in URLs: keep them to a safe set.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("<name> is empty".into());
+    }
+    if name.len() > 200 {
+        return Err("<name> is longer than 200 characters".into());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "domain name '{name}' must not start with '.' or '-'"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')))
+    {
+        return Err(format!(
+            "domain name '{name}' contains '{c}'; use letters, digits, '-', '_', '.', '+'"
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Extras {
+    serials: usize,
+    consoles: usize,
+    graphics: Vec<Graphics>,
+    memballoon: Option<String>,
+    rng: Option<String>,
+}
+
+/// Devices that would change guest-visible behaviour if silently ignored.
+const REFUSED_DEVICES: &[&str] = &[
+    "hostdev",
+    "filesystem",
+    "smartcard",
+    "redirdev",
+    "shmem",
+    "tpm",
+    "vsock",
+    "iommu",
+    "watchdog",
+    "sound",
+    "parallel",
+    "hub",
+    "lease",
+];
+
+fn read_devices(devices: &Element) -> Result<(Vec<Disk>, Vec<Interface>, Extras), DomainXmlError> {
+    let mut disks = Vec::new();
+    let mut interfaces = Vec::new();
+    let mut extras = Extras::default();
+    for dev in devices.elements() {
+        match dev.name.as_str() {
+            "disk" => disks.push(read_disk(dev)?),
+            "interface" => interfaces.push(read_interface(dev)?),
+            "serial" | "console" => {
+                let t = dev.attr("type").unwrap_or("pty");
+                if t != "pty" {
+                    return Err(unsupported(
+                        dev,
+                        format!("<{} type='{t}'>: only type='pty' is supported", dev.name),
+                    ));
+                }
+                if dev.name == "serial" {
+                    extras.serials += 1;
+                } else {
+                    extras.consoles += 1;
+                }
+            }
+            "graphics" => {
+                let t = dev.attr("type").unwrap_or("");
+                if t != "vnc" {
+                    return Err(unsupported(
+                        dev,
+                        format!("<graphics type='{t}'>: only vnc is supported"),
+                    ));
+                }
+                let port = dev
+                    .attr("port")
+                    .map(|p| number(dev, "port", p))
+                    .transpose()?;
+                let listen = dev
+                    .attr("listen")
+                    .or_else(|| dev.child("listen").and_then(|l| l.attr("address")))
+                    .map(str::to_string);
+                extras.graphics.push(Graphics {
+                    kind: t.to_string(),
+                    port,
+                    listen,
+                });
+            }
+            "memballoon" => {
+                let m = dev.attr("model").unwrap_or("");
+                if m != "virtio" && m != "none" {
+                    return Err(unsupported(
+                        dev,
+                        format!("<memballoon model='{m}'>: use virtio or none"),
+                    ));
+                }
+                extras.memballoon = Some(m.to_string());
+            }
+            "rng" => {
+                let m = dev.attr("model").unwrap_or("");
+                if m != "virtio" {
+                    return Err(unsupported(
+                        dev,
+                        format!("<rng model='{m}'>: only virtio is supported"),
+                    ));
+                }
+                if let Some(b) = dev.child("backend") {
+                    let bm = b.attr("model").unwrap_or("random");
+                    if bm != "random" {
+                        return Err(unsupported(
+                            b,
+                            format!("<rng><backend model='{bm}'>: only random is supported"),
+                        ));
+                    }
+                }
+                extras.rng = Some(m.to_string());
+            }
+            name if REFUSED_DEVICES.contains(&name) => {
+                return Err(unsupported(
+                    dev,
+                    format!("<devices><{name}> is not supported by rvirt; remove it"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok((disks, interfaces, extras))
+}
+
+fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
+    let kind = dev.attr("type").unwrap_or("file");
+    if kind != "file" && kind != "block" {
+        return Err(unsupported(
+            dev,
+            format!("<disk type='{kind}'>: only file and block disks are supported"),
+        ));
+    }
+    let device = dev.attr("device").unwrap_or("disk");
+    if device != "disk" {
+        return Err(unsupported(
+            dev,
+            format!(
+                "<disk device='{device}'>: only device='disk' is supported (no cdrom/floppy/lun)"
+            ),
+        ));
+    }
+    let source_el = dev.child("source").ok_or_else(|| {
+        invalid(
+            dev,
+            "<disk> has no <source> (an empty drive is only valid for a cdrom)",
+        )
+    })?;
+    let source = source_el
+        .attr(if kind == "file" { "file" } else { "dev" })
+        .ok_or_else(|| {
+            invalid(
+                source_el,
+                format!(
+                    "<source> of a {kind} disk needs the {} attribute",
+                    if kind == "file" { "file" } else { "dev" }
+                ),
+            )
+        })?
+        .to_string();
+    let (format, cache) = match dev.child("driver") {
+        Some(drv) => {
+            let format = match drv.attr("type").unwrap_or("raw") {
+                "raw" => DiskFormat::Raw,
+                "qcow2" => DiskFormat::Qcow2,
+                other => {
+                    return Err(unsupported(
+                        drv,
+                        format!("<driver type='{other}'>: disks must be raw or qcow2"),
+                    ))
+                }
+            };
+            let cache = drv.attr("cache").map(str::to_string);
+            if let Some(c) = &cache {
+                if ![
+                    "default",
+                    "none",
+                    "writethrough",
+                    "writeback",
+                    "directsync",
+                    "unsafe",
+                ]
+                .contains(&c.as_str())
+                {
+                    return Err(invalid(
+                        drv,
+                        format!("<driver cache='{c}'> is not a libvirt cache mode"),
+                    ));
+                }
+            }
+            (format, cache)
+        }
+        None => (DiskFormat::Raw, None),
+    };
+    let target_el = dev
+        .child("target")
+        .ok_or_else(|| invalid(dev, "<disk> has no <target dev='vda' bus='virtio'/>"))?;
+    let target = target_el
+        .attr("dev")
+        .ok_or_else(|| invalid(target_el, "<target> needs a dev attribute"))?
+        .to_string();
+    let bus = target_el.attr("bus").unwrap_or("virtio").to_string();
+    if bus != "virtio" {
+        return Err(unsupported(
+            target_el,
+            format!("<target bus='{bus}'> of disk {target}: only bus='virtio' is supported"),
+        ));
+    }
+    Ok(Disk {
+        source,
+        format,
+        cache,
+        readonly: dev.child("readonly").is_some(),
+        target,
+        bus,
+    })
+}
+
+pub fn validate_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
+fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
+    let kind = dev.attr("type").unwrap_or("");
+    let source_el = dev.child("source");
+    let source =
+        match kind {
+            "network" => InterfaceSource::Network(
+                source_el
+                    .and_then(|s| s.attr("network"))
+                    .ok_or_else(|| {
+                        invalid(
+                            dev,
+                            "<interface type='network'> needs <source network='NAME'/>",
+                        )
+                    })?
+                    .to_string(),
+            ),
+            "bridge" => InterfaceSource::Bridge(
+                source_el
+                    .and_then(|s| s.attr("bridge"))
+                    .ok_or_else(|| {
+                        invalid(
+                            dev,
+                            "<interface type='bridge'> needs <source bridge='BRIDGE'/>",
+                        )
+                    })?
+                    .to_string(),
+            ),
+            other => return Err(unsupported(
+                dev,
+                format!(
+                    "<interface type='{other}'>: only network and bridge interfaces are supported"
+                ),
+            )),
+        };
+    let mac = match dev.child("mac") {
+        Some(m) => {
+            let a = m.attr("address").unwrap_or("");
+            if !validate_mac(a) {
+                return Err(invalid(
+                    m,
+                    format!("<mac address='{a}'> is not a unicast MAC address"),
+                ));
+            }
+            Some(a.to_ascii_lowercase())
+        }
+        None => None,
+    };
+    let model = dev
+        .child("model")
+        .and_then(|m| m.attr("type"))
+        .unwrap_or("virtio")
+        .to_string();
+    if model != "virtio" {
+        let el = dev.child("model").unwrap_or(dev);
+        return Err(unsupported(
+            el,
+            format!("<model type='{model}'>: only virtio network cards are supported"),
+        ));
+    }
+    Ok(Interface {
+        source,
+        mac,
+        model,
+        target: dev
+            .child("target")
+            .and_then(|t| t.attr("dev"))
+            .map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_units_follow_libvirt() {
+        assert_eq!(memory_to_kib(1, "GiB"), Some(1 << 20));
+        assert_eq!(memory_to_kib(1, "G"), Some(1 << 20));
+        assert_eq!(memory_to_kib(1, "GB"), Some(976_563));
+        assert_eq!(memory_to_kib(524288, "KiB"), Some(524288));
+        assert_eq!(memory_to_kib(1500, "b"), Some(2));
+        assert_eq!(memory_to_kib(1, "furlongs"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("web-01.example_2").is_ok());
+        for bad in ["", "a/b", "../x", "-x", "a b", "é"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn macs_are_checked() {
+        assert!(validate_mac("52:54:00:ab:CD:01"));
+        assert!(!validate_mac("53:54:00:ab:cd:01"), "multicast bit");
+        assert!(!validate_mac("52:54:00:ab:cd"));
+    }
+}
