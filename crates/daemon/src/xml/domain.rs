@@ -826,37 +826,38 @@ pub fn validate_mac(mac: &str) -> bool {
 fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("");
     let source_el = dev.child("source");
-    let source =
-        match kind {
-            "network" => InterfaceSource::Network(
-                source_el
-                    .and_then(|s| s.attr("network"))
-                    .ok_or_else(|| {
-                        invalid(
-                            dev,
-                            "<interface type='network'> needs <source network='NAME'/>",
-                        )
-                    })?
-                    .to_string(),
-            ),
-            "bridge" => InterfaceSource::Bridge(
-                source_el
-                    .and_then(|s| s.attr("bridge"))
-                    .ok_or_else(|| {
-                        invalid(
-                            dev,
-                            "<interface type='bridge'> needs <source bridge='BRIDGE'/>",
-                        )
-                    })?
-                    .to_string(),
-            ),
-            other => return Err(unsupported(
+    let source = match kind {
+        "network" => InterfaceSource::Network(
+            source_el
+                .and_then(|s| s.attr("network"))
+                .ok_or_else(|| {
+                    invalid(
+                        dev,
+                        "<interface type='network'> needs <source network='NAME'/>",
+                    )
+                })?
+                .to_string(),
+        ),
+        "bridge" => InterfaceSource::Bridge(
+            source_el
+                .and_then(|s| s.attr("bridge"))
+                .ok_or_else(|| {
+                    invalid(
+                        dev,
+                        "<interface type='bridge'> needs <source bridge='BRIDGE'/>",
+                    )
+                })?
+                .to_string(),
+        ),
+        other => {
+            return Err(unsupported(
                 dev,
                 format!(
                     "<interface type='{other}'>: only network and bridge interfaces are supported"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let mac = match dev.child("mac") {
         Some(m) => {
             let a = m.attr("address").unwrap_or("");
