@@ -1,10 +1,13 @@
 //! Raw images: the file is the disk, byte for byte.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::{BlockDevice, BlockStatus, Error, Extent, Result};
+use std::os::unix::io::AsRawFd;
+
+use crate::lock::lock_image;
+use crate::{BlockDevice, BlockStatus, Error, Extent, OpenOptions, Result};
 
 /// A raw image file.
 #[derive(Debug)]
@@ -16,18 +19,26 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens `path` as a raw disk.
+    /// Opens `path` as a raw disk, without taking a lock.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        let io = |op, source| Error::Io {
-            op,
-            path: path.to_owned(),
-            source,
+        let opts = OpenOptions {
+            read_only,
+            force_share: true,
+            ..Default::default()
         };
-        let file = OpenOptions::new()
+        Self::open_with(path, &opts)
+    }
+
+    /// Opens `path` as a raw disk, locked as `opts` says.
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        let read_only = opts.read_only;
+        let io = |op, source| Error::io(op, path, source);
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(|e| io("open", e))?;
+        lock_image(&file, path, opts.lock_mode())?;
         let size = file.metadata().map_err(|e| io("stat", e))?.len();
         Ok(RawFile {
             file,
@@ -54,6 +65,55 @@ impl RawFile {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Creates (or truncates) `path` as a raw image of `size` bytes with `prealloc`.
+    pub fn create(path: &Path, size: u64, prealloc: crate::Preallocation) -> Result<()> {
+        let io = |op, source| Error::io(op, path, source);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| io("create", e))?;
+        file.set_len(size).map_err(|e| io("truncate", e))?;
+        crate::prealloc::preallocate(&file, path, 0, size, prealloc)
+    }
+
+    /// Changes the size of the image file.
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file
+            .set_len(size)
+            .map_err(|e| self.io_err("truncate", e))?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// Bytes the file occupies on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
+        // SAFETY: lseek on a valid fd has no memory effects.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        (r >= 0).then_some(r as u64)
+    }
+
+    fn punch(&self, offset: u64, len: u64, mode: libc::c_int) -> bool {
+        // SAFETY: fallocate on a valid fd with in-range values has no memory effects.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        r == 0
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -92,15 +152,35 @@ impl BlockDevice for RawFile {
         self.read_only
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        // Discard is advisory; a raw file without hole punching simply keeps its data.
-        self.check_writable()?;
-        self.check_range(offset, len)
+    fn supports_discard(&self) -> bool {
+        true
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // Discard is advisory: a file system without hole punching simply keeps the data.
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.punch(
+            offset,
+            len,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        );
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        if may_unmap && self.punch(offset, len, libc::FALLOC_FL_PUNCH_HOLE | keep) {
+            return Ok(());
+        }
+        if self.punch(offset, len, libc::FALLOC_FL_ZERO_RANGE | keep) {
+            return Ok(());
+        }
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {
@@ -113,15 +193,27 @@ impl BlockDevice for RawFile {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.check_range(offset, len)?;
+        let end = offset + len;
+        // SEEK_DATA/SEEK_HOLE tell holes from data; without them everything is data.
+        let data = self.seek(offset, libc::SEEK_DATA);
+        let (is_data, length) = match data {
+            Some(d) if d > offset => (false, d.min(end) - offset),
+            Some(_) => {
+                let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(end);
+                (true, hole.clamp(offset + 1, end) - offset)
+            }
+            // ENXIO: no data after offset.
+            None => (false, len),
+        };
         let status = BlockStatus {
-            data: true,
-            zero: false,
+            data: is_data,
+            zero: !is_data,
             offset: Some(offset),
             depth: 0,
         };
         Ok(Extent {
             start: offset,
-            length: len,
+            length,
             status,
         })
     }

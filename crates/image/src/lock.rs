@@ -1,0 +1,130 @@
+//! Image locking with open-file-description (OFD) byte-range locks, laid out as QEMU does so a
+//! running QEMU, qemu-img and rvirt see each other's locks.
+//!
+//! Byte `100 + p` is read-locked while we hold permission `p`, byte `200 + p` while we refuse to
+//! share it. Before taking a permission we test that nobody refuses to share it, and before
+//! refusing one that nobody holds it.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+const PERM_RESIZE: i64 = 3;
+
+/// How an image is locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// No lock (qemu-img's `-U`/force-share).
+    None,
+    /// Readers share the image with other readers but refuse a writer.
+    Shared,
+    /// A writer refuses other writers and readers that need a consistent view.
+    Exclusive,
+}
+
+fn lock_bytes(mode: LockMode) -> (&'static [i64], &'static [i64]) {
+    match mode {
+        LockMode::None => (&[], &[]),
+        LockMode::Shared => (&[PERM_CONSISTENT_READ], &[PERM_WRITE]),
+        LockMode::Exclusive => (
+            &[PERM_CONSISTENT_READ, PERM_WRITE],
+            &[PERM_WRITE, PERM_RESIZE],
+        ),
+    }
+}
+
+fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    fl
+}
+
+fn set_lock(file: &File, byte: i64) -> std::io::Result<()> {
+    let fl = flock(libc::F_RDLCK, byte);
+    // SAFETY: the fd is open for the lifetime of `file` and `fl` is a valid flock struct.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether somebody else holds a lock on `byte`.
+fn is_held(file: &File, byte: i64) -> std::io::Result<bool> {
+    let mut fl = flock(libc::F_WRLCK, byte);
+    // SAFETY: the fd is valid and `fl` is a valid, writable flock struct.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Takes the locks of `mode` on `file`; they last as long as the file stays open.
+pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    let (perms, unshared) = lock_bytes(mode);
+    for &p in perms {
+        set_lock(file, PERM_BASE + p).map_err(|e| Error::io("lock", path, e))?;
+    }
+    for &p in unshared {
+        set_lock(file, SHARED_BASE + p).map_err(|e| Error::io("lock", path, e))?;
+    }
+    let conflicts = perms
+        .iter()
+        .map(|p| SHARED_BASE + p)
+        .chain(unshared.iter().map(|p| PERM_BASE + p));
+    for byte in conflicts {
+        if is_held(file, byte).map_err(|e| Error::io("test lock", path, e))? {
+            return Err(Error::Locked {
+                path: path.to_owned(),
+                holder: holder(file, byte),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Names the process holding `byte`, from /proc/locks, for the error message.
+fn holder(file: &File, byte: i64) -> String {
+    let fallback = "another process".to_string();
+    let Ok(meta) = file.metadata() else {
+        return fallback;
+    };
+    let me = std::process::id().to_string();
+    let ino = meta.ino().to_string();
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return fallback;
+    };
+    for line in locks.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "1: OFDLCK ADVISORY READ <pid> <maj:min:ino> <start> <end>"
+        let Some(pos) = f.iter().position(|w| *w == "READ" || *w == "WRITE") else {
+            continue;
+        };
+        let (Some(pid), Some(dev), Some(start), Some(end)) = (
+            f.get(pos + 1),
+            f.get(pos + 2),
+            f.get(pos + 3),
+            f.get(pos + 4),
+        ) else {
+            continue;
+        };
+        let in_range = start.parse::<i64>().is_ok_and(|s| s <= byte)
+            && end.parse::<i64>().map_or(true, |e| e >= byte);
+        if dev.rsplit(':').next() == Some(ino.as_str()) && in_range && *pid != me && *pid != "-1" {
+            return format!("process {pid}");
+        }
+    }
+    fallback
+}

@@ -1,0 +1,86 @@
+//! Positioned I/O on the image file with errors that name the image, the table and the offset.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::{Error, Result};
+
+/// The image file, shared by the metadata components.
+#[derive(Debug, Clone)]
+pub struct ImgFile {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+}
+
+impl ImgFile {
+    pub fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len())
+    }
+
+    /// Reads metadata `what` at `offset`; a short read means the table lies past the end of
+    /// the file, which is corruption rather than an I/O failure.
+    pub fn read_meta(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(self.corrupt(format!(
+                "{what} at offset {offset:#x} ({} bytes) lies beyond the end of the file",
+                buf.len()
+            ))),
+            Err(e) => Err(Error::io("read", &self.path, e)),
+        }
+    }
+
+    /// Reads data; bytes past the end of the file read as zeroes (a sparse tail).
+    pub fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &self.path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("write", &self.path, e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("flush", &self.path, e))
+    }
+
+    pub fn corrupt(&self, what: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
+    }
+}
+
+/// Decodes a big-endian u64 table.
+pub fn decode_table(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
+
+/// Encodes a u64 table big-endian.
+pub fn encode_table(t: &[u64]) -> Vec<u8> {
+    t.iter().flat_map(|v| v.to_be_bytes()).collect()
+}

@@ -1,0 +1,574 @@
+//! qcow2 behaviour, checked against an in-memory model and against the real qemu-img.
+
+use std::path::Path;
+use std::process::Command;
+
+use rvirt_image::qcow2::{CompressionType, CreateOptions, RepairMode};
+use rvirt_image::{open_image, BlockDevice, Error, Format, OpenOptions, Preallocation, Qcow2};
+
+fn qemu_img() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipping qemu-img interop part: qemu-img is not installed");
+    }
+    ok
+}
+
+/// `qemu-img check` must find no errors and no leaks.
+fn qemu_check(path: &Path) {
+    if !qemu_img() {
+        return;
+    }
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {} failed: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_io(path: &Path, fmt: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(path).output().unwrap();
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"),
+        "qemu-io {cmds:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rw() -> OpenOptions {
+    OpenOptions::default()
+}
+
+fn ro() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
+}
+
+fn create(path: &Path, size: u64, f: impl FnOnce(&mut CreateOptions)) {
+    let mut o = CreateOptions {
+        size,
+        ..Default::default()
+    };
+    f(&mut o);
+    Qcow2::create(path, &o).unwrap();
+}
+
+/// Random writes of random sizes, mirrored into `model`.
+fn random_writes(dev: &dyn BlockDevice, model: &mut [u8], n: usize, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let size = model.len() as u64;
+    for _ in 0..n {
+        let len = rng.u64(1..=(size / 8).clamp(1, 300_000));
+        let off = rng.u64(0..=size - len);
+        let byte = rng.u8(1..);
+        let buf: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
+        dev.write_at(&buf, off).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+    }
+}
+
+fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut buf = vec![0u8; dev.size() as usize];
+    dev.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// qemu-img sees the same disk as `model`.
+fn qemu_compare(path: &Path, model: &[u8]) {
+    if !qemu_img() {
+        return;
+    }
+    let raw = path.with_extension("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    qemu(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(raw).unwrap();
+}
+
+#[test]
+fn writes_read_back_and_pass_qemu_check_for_each_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    type Tweak = Box<dyn Fn(&mut CreateOptions)>;
+    let cases: Vec<(&str, Tweak)> = vec![
+        ("default", Box::new(|_| {})),
+        ("c512", Box::new(|o| o.cluster_size = 512)),
+        ("c2m", Box::new(|o| o.cluster_size = 2 << 20)),
+        ("v2", Box::new(|o| o.version = 2)),
+        ("rc1", Box::new(|o| o.refcount_bits = 1)),
+        ("rc64", Box::new(|o| o.refcount_bits = 64)),
+        (
+            "rc4c512",
+            Box::new(|o| {
+                o.refcount_bits = 4;
+                o.cluster_size = 512
+            }),
+        ),
+        ("lazy", Box::new(|o| o.lazy_refcounts = true)),
+        (
+            "extl2",
+            Box::new(|o| {
+                o.extended_l2 = true;
+                o.cluster_size = 32768
+            }),
+        ),
+        ("zstd", Box::new(|o| o.compression = CompressionType::Zstd)),
+    ];
+    for (name, f) in cases {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        let size = 24 << 20;
+        create(&path, size, f);
+        let mut model = vec![0u8; size as usize];
+        {
+            let img = Qcow2::open(&path, &rw()).unwrap();
+            random_writes(&img, &mut model, 40, 7);
+            img.write_zeroes(1 << 20, 3 << 20, true).unwrap();
+            model[1 << 20..4 << 20].fill(0);
+            img.flush().unwrap();
+            assert!(
+                read_all(&img) == model,
+                "{name}: data differs before reopen"
+            );
+        }
+        let img = Qcow2::open(&path, &ro()).unwrap();
+        assert!(read_all(&img) == model, "{name}: data differs after reopen");
+        let report = img.check(RepairMode::None).unwrap();
+        assert_eq!(
+            (report.corruptions, report.leaks),
+            (0, 0),
+            "{name}: {:?}",
+            report.messages
+        );
+        drop(img);
+        qemu_check(&path);
+        qemu_compare(&path, &model);
+    }
+}
+
+#[test]
+fn overlay_copies_on_write_from_raw_and_qcow2_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let base = dir.path().join("base.raw");
+    let base_data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&base, &base_data).unwrap();
+    let mid = dir.path().join("mid.qcow2");
+    create(&mid, size, |o| {
+        o.backing_file = Some("base.raw".into());
+        o.backing_format = Some("raw".into());
+    });
+    let mut model = base_data.clone();
+    {
+        let img = open_image(&mid, None, &rw()).unwrap();
+        img.write_at(&[0xaa; 100], 70_000).unwrap();
+        model[70_000..70_100].fill(0xaa);
+    }
+    let top = dir.path().join("top.qcow2");
+    create(&top, size, |o| {
+        o.backing_file = Some(mid.to_str().unwrap().into());
+        o.backing_format = Some("qcow2".into());
+        o.cluster_size = 4096;
+    });
+    let img = open_image(&top, Some(Format::Qcow2), &rw()).unwrap();
+    img.write_at(&[0x55; 10], 65_530).unwrap();
+    model[65_530..65_540].fill(0x55);
+    img.write_zeroes(200_000, 8192, false).unwrap();
+    model[200_000..208_192].fill(0);
+    assert!(read_all(&img) == model);
+    // The top image holds only the clusters it wrote: two for the write across a cluster
+    // boundary, two for the unaligned ends of the zeroed range (its middle is a zero cluster).
+    let q = img.as_qcow2().unwrap();
+    assert_eq!(q.allocated_clusters().unwrap(), 4);
+    let e = img.map_extent(0, size).unwrap();
+    assert_eq!((e.start, e.length, e.depth, e.data), (0, 61_440, 2, true));
+    drop(img);
+    qemu_check(&top);
+    qemu_check(&mid);
+    qemu_compare(&top, &model);
+}
+
+#[test]
+fn qemu_made_images_read_identically() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let cases: &[(&str, &[&str])] = &[
+        ("c512", &["-o", "cluster_size=512"]),
+        ("c64k", &[]),
+        ("c2m", &["-o", "cluster_size=2M"]),
+        ("v2", &["-o", "compat=0.10"]),
+        ("lazy", &["-o", "lazy_refcounts=on"]),
+        ("extl2", &["-o", "extended_l2=on"]),
+        ("rc8", &["-o", "refcount_bits=8"]),
+    ];
+    for (name, opts) in cases {
+        let img = p(&format!("{name}.qcow2"));
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[&img, "16M"]);
+        qemu(&args);
+        qemu_io(
+            Path::new(&img),
+            "qcow2",
+            &[
+                "write -P 0x11 0 100k".into(),
+                "write -P 0x22 3m 5000".into(),
+                "write -z 3m 1k".into(),
+                "write -P 0x33 15m 1m".into(),
+                "discard 15m 64k".into(),
+            ],
+        );
+        let raw = p(&format!("{name}.raw"));
+        qemu(&["convert", "-O", "raw", &img, &raw]);
+        let want = std::fs::read(&raw).unwrap();
+        let dev = open_image(Path::new(&img), None, &rw()).unwrap();
+        assert!(
+            read_all(&dev) == want,
+            "{name}: reads differ from qemu-img's"
+        );
+        // It survives writes through us.
+        let mut model = want.clone();
+        random_writes(&dev, &mut model, 20, 3);
+        drop(dev);
+        qemu_check(Path::new(&img));
+        qemu_compare(Path::new(&img), &model);
+    }
+}
+
+#[test]
+fn qemu_compressed_images_read_identically() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let src = p("src.raw");
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| ((i / 777) % 13) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    for ct in ["zlib", "zstd"] {
+        let img = p(&format!("{ct}.qcow2"));
+        qemu(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            &src,
+            &img,
+        ]);
+        let dev = open_image(Path::new(&img), None, &rw()).unwrap();
+        assert!(read_all(&dev) == data, "{ct}: compressed reads differ");
+        let e = dev.map_extent(0, 4 << 20).unwrap();
+        assert!(e.compressed, "{ct}: map shows compression");
+        // Overwriting a compressed cluster partially copies it out.
+        dev.write_at(&[9; 3], 100).unwrap();
+        let mut model = data.clone();
+        model[100..103].fill(9);
+        assert!(read_all(&dev) == model);
+        drop(dev);
+        qemu_check(Path::new(&img));
+        qemu_compare(Path::new(&img), &model);
+    }
+}
+
+#[test]
+fn compressed_writes_are_readable_by_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    for ct in [CompressionType::Zlib, CompressionType::Zstd] {
+        let path = dir.path().join(format!("{}.qcow2", ct.name()));
+        let size = 1u64 << 20;
+        create(&path, size, |o| o.compression = ct);
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        let mut model = vec![0u8; size as usize];
+        for (i, chunk) in model.chunks_mut(65536).enumerate() {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = ((j / 100 + i) % 7) as u8;
+            }
+        }
+        for off in (0..size).step_by(65536) {
+            img.write_compressed(&model[off as usize..off as usize + 65536], off)
+                .unwrap();
+        }
+        assert!(read_all(&img) == model);
+        assert!(img.file_length().unwrap() < 400_000);
+        drop(img);
+        qemu_check(&path);
+        qemu_compare(&path, &model);
+    }
+}
+
+#[test]
+fn snapshots_keep_old_data_and_refcounts_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.qcow2");
+    let size = 4u64 << 20;
+    create(&path, size, |_| {});
+    let mut model = vec![0u8; size as usize];
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    random_writes(&img, &mut model, 10, 1);
+    img.snapshot_create("one").unwrap();
+    let one = model.clone();
+    random_writes(&img, &mut model, 10, 2);
+    img.snapshot_create("two").unwrap();
+    random_writes(&img, &mut model, 10, 3);
+    assert!(read_all(&img) == model);
+    assert_eq!(img.check(RepairMode::None).unwrap().corruptions, 0);
+    let names: Vec<String> = img.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["one", "two"]);
+    drop(img);
+    qemu_check(&path);
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    img.snapshot_apply("one").unwrap();
+    assert!(read_all(&img) == one);
+    img.snapshot_delete("two").unwrap();
+    random_writes(&img, &mut model, 5, 4);
+    img.snapshot_delete("1").unwrap();
+    let r = img.check(RepairMode::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert!(img.snapshots().is_empty());
+    drop(img);
+    qemu_check(&path);
+    if qemu_img() {
+        // qemu-img sees our snapshot table too.
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.snapshot_create("mine").unwrap();
+        drop(img);
+        let out = Command::new("qemu-img")
+            .args(["snapshot", "-l"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("mine"));
+        qemu_check(&path);
+    }
+}
+
+#[test]
+fn resize_grows_and_shrinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.qcow2");
+    create(&path, 1 << 20, |o| o.cluster_size = 512);
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    img.write_at(&[7; 4096], (1 << 20) - 4096).unwrap();
+    // 512-byte clusters: one L2 table maps 32 KiB, so 64 MiB needs a larger L1 table.
+    img.resize(64 << 20).unwrap();
+    img.write_at(&[8; 10], (64 << 20) - 10).unwrap();
+    let mut b = [0u8; 10];
+    img.read_at(&mut b, (64 << 20) - 10).unwrap();
+    assert_eq!(b, [8; 10]);
+    img.resize(1000).unwrap();
+    img.resize(1 << 20).unwrap();
+    img.read_at(&mut b, (1 << 20) - 10).unwrap();
+    assert_eq!(b, [0; 10], "shrunk data must not come back");
+    let r = img.check(RepairMode::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    drop(img);
+    qemu_check(&path);
+}
+
+#[test]
+fn preallocation_modes_allocate_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ] {
+        let path = dir.path().join(format!("{mode:?}.qcow2"));
+        create(&path, 3 << 20, |o| o.preallocation = mode);
+        let img = Qcow2::open(&path, &ro()).unwrap();
+        assert_eq!(img.allocated_clusters().unwrap(), 48);
+        assert!(read_all(&img).iter().all(|&b| b == 0));
+        drop(img);
+        qemu_check(&path);
+    }
+}
+
+#[test]
+fn leaks_are_found_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.qcow2");
+    create(&path, 1 << 20, |_| {});
+    {
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.write_at(&[1; 512], 0).unwrap();
+    }
+    // Leak one cluster by hand: raise the refcount of a cluster past the end.
+    let data = std::fs::read(&path).unwrap();
+    let rt = u64::from_be_bytes(data[48..56].try_into().unwrap()) as usize;
+    let rb = u64::from_be_bytes(data[rt..rt + 8].try_into().unwrap()) as usize;
+    let nclusters = data.len() / 65536;
+    let mut data = data;
+    data[rb + 2 * nclusters + 1] = 1;
+    data.resize(data.len() + 65536, 0);
+    std::fs::write(&path, &data).unwrap();
+    let img = Qcow2::open(&path, &ro()).unwrap();
+    let r = img.check(RepairMode::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 1));
+    drop(img);
+    let img = Qcow2::open(
+        &path,
+        &OpenOptions {
+            repair: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = img.check(RepairMode::Leaks).unwrap();
+    assert_eq!((r.leaks, r.leaks_fixed), (0, 1));
+    drop(img);
+    qemu_check(&path);
+}
+
+#[test]
+fn unknown_incompatible_bits_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.qcow2");
+    create(&path, 1 << 20, |_| {});
+    let mut data = std::fs::read(&path).unwrap();
+    data[72 + 7] |= 1 << 5; // bit 5
+    std::fs::write(&path, &data).unwrap();
+    let err = Qcow2::open(&path, &ro()).err().unwrap();
+    assert!(matches!(err, Error::Unsupported { .. }));
+    assert!(err.to_string().contains("bit 5"), "{err}");
+}
+
+#[test]
+fn corrupt_bit_forces_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.qcow2");
+    create(&path, 1 << 20, |_| {});
+    let mut data = std::fs::read(&path).unwrap();
+    data[72 + 7] |= 2;
+    std::fs::write(&path, &data).unwrap();
+    assert!(matches!(
+        Qcow2::open(&path, &rw()),
+        Err(Error::Corrupt { .. })
+    ));
+    Qcow2::open(&path, &ro()).unwrap();
+}
+
+#[test]
+fn lazy_refcounts_dirty_image_is_repaired_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qcow2");
+    create(&path, 1 << 20, |o| o.lazy_refcounts = true);
+    {
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.write_at(&[3; 100], 0).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap()[79] & 1,
+            1,
+            "dirty bit set while writing"
+        );
+        // Simulate a crash: copy the file while the writer still has it open and dirty.
+        std::fs::copy(&path, dir.path().join("crashed.qcow2")).unwrap();
+    }
+    let path = dir.path().join("crashed.qcow2");
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(data[79] & 1, 1);
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[79] & 1, 0, "repaired on open");
+    let mut b = [0u8; 100];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [3; 100]);
+    drop(img);
+    qemu_check(&path);
+}
+
+#[test]
+fn hostile_headers_give_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("h.qcow2");
+    create(&path, 64 << 20, |_| {});
+    {
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.write_at(&[1; 70000], 0).unwrap();
+        img.snapshot_create("s").unwrap();
+    }
+    let good = std::fs::read(&path).unwrap();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let fields: &[(usize, usize)] = &[
+        (4, 4),
+        (8, 8),
+        (16, 4),
+        (20, 4),
+        (24, 8),
+        (36, 4),
+        (40, 8),
+        (48, 8),
+        (56, 4),
+        (60, 4),
+        (64, 8),
+        (96, 4),
+        (100, 4),
+    ];
+    for round in 0..400 {
+        let mut data = good.clone();
+        let (at, len) = fields[rng.usize(..fields.len())];
+        for b in &mut data[at..at + len] {
+            *b = match round % 3 {
+                0 => 0xff,
+                1 => rng.u8(..),
+                _ => 0,
+            };
+        }
+        if round % 5 == 0 {
+            // Also damage tables somewhere in the file.
+            let at = rng.usize(65536..data.len());
+            data[at] ^= 0xff;
+        }
+        std::fs::write(&path, &data).unwrap();
+        if let Ok(img) = Qcow2::open(&path, &ro()) {
+            let mut buf = vec![0u8; 65536];
+            let size = img.size();
+            for _ in 0..10 {
+                let off = rng.u64(0..size.max(1));
+                let len = (size - off).min(65536) as usize;
+                let _ = img.read_at(&mut buf[..len], off);
+            }
+            let _ = img.check(RepairMode::None);
+        }
+    }
+    for len in [0, 3, 50, 100, 1000] {
+        std::fs::write(&path, &good[..len]).unwrap();
+        assert!(Qcow2::open(&path, &ro()).is_err(), "truncated to {len}");
+    }
+}
