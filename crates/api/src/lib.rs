@@ -1,7 +1,9 @@
 //! Types shared by rvirt's programs.
 //!
 //! - [`vmm`]: the control protocol spoken on `rvirt-vmm --api-socket`, and the VMM's exit statuses.
+//! - [`rest`]: the REST API of `rvirtd` that the `rvirt` CLI uses.
 //!
-//! Keeping them here (and only here) means the daemon and the VMM cannot drift apart.
+//! Keeping them here (and only here) means the daemon, the CLI and the VMM cannot drift apart.
 
+pub mod rest;
 pub mod vmm;

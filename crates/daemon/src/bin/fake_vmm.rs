@@ -1,1 +1,241 @@
-fn main() {}
+//! rvirt-fake-vmm: a test double of rvirt-vmm for rvirtd's supervision tests. It runs no guest.
+//!
+//! It takes rvirt-vmm's command line, speaks the real control protocol (`rvirt_api::vmm`) on
+//! `--api-socket`, runs one idle thread per vCPU named `vcpu<N>` (so pinning can be checked),
+//! and serves `--serial socket=PATH` as a console. Its "guest" is scripted by words in
+//! `--cmdline`, and by lines typed on the console:
+//!
+//! - cmdline `fake.ignore_acpi`: the power button does nothing (for shutdown timeouts)
+//! - console `poweroff` / `reboot` / `panic`: exit as rvirt-vmm does on guest poweroff (0),
+//!   reboot (3) or crash (4); `progress`: print how many 10 ms ticks the vCPUs ran (stops while
+//!   paused); anything else is echoed.
+
+use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState, VcpuThread};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Vm {
+    name: Option<String>,
+    vcpus: u32,
+    memory_bytes: u64,
+    paused: AtomicBool,
+    ticks: AtomicU64,
+    tids: Mutex<Vec<i32>>,
+    watchers: Mutex<Vec<UnixStream>>,
+    ignore_acpi: bool,
+    sockets: Vec<PathBuf>,
+}
+
+impl Vm {
+    fn state(&self) -> RunState {
+        if self.paused.load(Ordering::SeqCst) {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn broadcast(&self, ev: &Event) {
+        let line = format!("{}\n", serde_json::to_string(ev).unwrap());
+        let mut w = self.watchers.lock().unwrap();
+        w.retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+    }
+
+    fn exit(&self, reason: ExitReason) -> ! {
+        self.broadcast(&Event::Exited { reason });
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        std::process::exit(reason.exit_code());
+    }
+}
+
+fn parse_memory(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().map(|n| n * mult)
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("rvirt-fake-vmm: error: {msg}");
+    std::process::exit(rvirt_api::vmm::exit_code::VMM_ERROR);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut api = None;
+    let mut serial = None;
+    let (mut vcpus, mut memory, mut name, mut cmdline) = (1u32, 256u64 << 20, None, String::new());
+    let mut i = 0;
+    while i < args.len() {
+        let val = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--api-socket" => api = Some(PathBuf::from(&val)),
+            "--serial" => serial = val.strip_prefix("socket=").map(PathBuf::from),
+            "--cpus" => vcpus = val.parse().unwrap_or_else(|_| fail("bad --cpus")),
+            "--memory" => memory = parse_memory(&val).unwrap_or_else(|| fail("bad --memory")),
+            "--name" => name = Some(val.clone()),
+            "--cmdline" => cmdline = val.clone(),
+            "--kernel" | "--initrd" => {
+                if !std::path::Path::new(&val).exists() {
+                    fail(&format!("cannot open {val}"));
+                }
+            }
+            "--disk" => {
+                let path = val
+                    .split(',')
+                    .find_map(|p| p.strip_prefix("path="))
+                    .unwrap_or_else(|| fail("--disk needs path="));
+                if !std::path::Path::new(path).exists() {
+                    fail(&format!("cannot open disk {path}"));
+                }
+            }
+            "--net" => {}
+            other => fail(&format!("unknown option {other}")),
+        }
+        i += 2;
+    }
+    let api = api.unwrap_or_else(|| fail("--api-socket is required"));
+    let mut sockets = vec![api.clone()];
+    sockets.extend(serial.clone());
+    let vm = Arc::new(Vm {
+        name,
+        vcpus,
+        memory_bytes: memory,
+        paused: AtomicBool::new(false),
+        ticks: AtomicU64::new(0),
+        tids: Mutex::new(vec![0; vcpus as usize]),
+        watchers: Mutex::new(Vec::new()),
+        ignore_acpi: cmdline.split_whitespace().any(|w| w == "fake.ignore_acpi"),
+        sockets,
+    });
+    for n in 0..vcpus {
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{n}"))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                vm.tids.lock().unwrap()[n as usize] = unsafe { libc::gettid() };
+                loop {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if !vm.paused.load(Ordering::SeqCst) && n == 0 {
+                        vm.ticks.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+            .unwrap();
+    }
+    if let Some(path) = serial {
+        let listener = UnixListener::bind(&path).unwrap_or_else(|e| fail(&format!("{e}")));
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let vm = vm.clone();
+                std::thread::spawn(move || console(vm, conn));
+            }
+        });
+    }
+    let listener =
+        UnixListener::bind(&api).unwrap_or_else(|e| fail(&format!("{}: {e}", api.display())));
+    for conn in listener.incoming().flatten() {
+        let vm = vm.clone();
+        std::thread::spawn(move || control(vm, conn));
+    }
+}
+
+fn console(vm: Arc<Vm>, conn: UnixStream) {
+    let mut out = conn.try_clone().unwrap();
+    let name = vm.name.clone().unwrap_or_default();
+    let _ = write!(out, "rvirt-fake-vmm: guest {name} booted\r\n");
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        match line.trim() {
+            "poweroff" => vm.exit(ExitReason::Poweroff),
+            "reboot" => vm.exit(ExitReason::Reboot),
+            "panic" => vm.exit(ExitReason::Crash),
+            "progress" => {
+                let _ = write!(out, "progress {}\r\n", vm.ticks.load(Ordering::SeqCst));
+            }
+            other => {
+                let _ = write!(out, "{other}\r\n");
+            }
+        }
+    }
+}
+
+fn control(vm: Arc<Vm>, conn: UnixStream) {
+    let mut out = conn.try_clone().unwrap();
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(Request::Watch) => {
+                vm.watchers.lock().unwrap().push(out);
+                return;
+            }
+            Ok(req) => handle(&vm, req),
+        };
+        let _ = writeln!(out, "{}", serde_json::to_string(&resp).unwrap());
+        if line.contains("\"quit\"") {
+            vm.exit(ExitReason::Quit);
+        }
+    }
+}
+
+fn handle(vm: &Arc<Vm>, req: Request) -> Response {
+    match req {
+        Request::Info => Response::Info {
+            pid: std::process::id(),
+            name: vm.name.clone(),
+            state: vm.state(),
+            vcpus: vm.vcpus,
+            memory_bytes: vm.memory_bytes,
+        },
+        Request::Pause | Request::Resume => {
+            let pause = req == Request::Pause;
+            vm.paused.store(pause, Ordering::SeqCst);
+            vm.broadcast(&Event::StateChanged { state: vm.state() });
+            Response::Ok
+        }
+        Request::PowerButton => {
+            if !vm.ignore_acpi {
+                let vm = vm.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    vm.exit(ExitReason::Poweroff)
+                });
+            }
+            Response::Ok
+        }
+        Request::Quit => Response::Ok,
+        Request::VcpuInfo => Response::VcpuInfo {
+            vcpus: vm
+                .tids
+                .lock()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, &tid)| VcpuThread {
+                    vcpu: i as u32,
+                    tid,
+                    state: vm.state(),
+                })
+                .collect(),
+        },
+        Request::Stats => Response::Stats {
+            rss_bytes: 0,
+            cpu_time_ns: 0,
+        },
+        Request::Watch => unreachable!("handled by the caller"),
+    }
+}

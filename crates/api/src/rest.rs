@@ -1,0 +1,271 @@
+//! The REST API between `rvirt` (and any other client) and `rvirtd`: JSON bodies over HTTP/1.1 on
+//! the daemon's unix socket, under the versioned prefix [`PREFIX`]. Field names follow libvirt's
+//! and virsh's vocabulary so that users of `virsh --json`-style tooling feel at home.
+//!
+//! Errors are a non-2xx status with an [`ErrorBody`].
+
+use serde::{Deserialize, Serialize};
+
+pub const PREFIX: &str = "/v1";
+
+/// The header a client sends (with `Connection: Upgrade`) to turn a console request into a raw
+/// byte stream.
+pub const CONSOLE_UPGRADE: &str = "rvirt-console";
+
+/// libvirt's domain states (virsh's spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DomainState {
+    #[serde(rename = "running")]
+    Running,
+    #[serde(rename = "paused")]
+    Paused,
+    #[serde(rename = "in shutdown")]
+    InShutdown,
+    #[serde(rename = "shut off")]
+    ShutOff,
+    #[serde(rename = "crashed")]
+    Crashed,
+}
+
+impl DomainState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::InShutdown => "in shutdown",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        !matches!(self, DomainState::ShutOff)
+    }
+}
+
+/// libvirt's state reasons, as virsh `domstate --reason` prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateReason {
+    /// running: started normally.
+    Booted,
+    /// running: resumed after a pause.
+    Unpaused,
+    /// paused: paused by the user; in shutdown: shutdown requested.
+    User,
+    /// shut off: the guest shut down.
+    Shutdown,
+    /// shut off: forced off (virsh destroy).
+    Destroyed,
+    /// shut off: the VMM died or the guest crashed.
+    Crashed,
+    /// shut off: the VMM failed to start or failed while running.
+    Failed,
+    /// never started in this daemon's life, or state not known.
+    Unknown,
+}
+
+impl StateReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateReason::Booted => "booted",
+            StateReason::Unpaused => "unpaused",
+            StateReason::User => "user",
+            StateReason::Shutdown => "shutdown",
+            StateReason::Destroyed => "destroyed",
+            StateReason::Crashed => "crashed",
+            StateReason::Failed => "failed",
+            StateReason::Unknown => "unknown",
+        }
+    }
+}
+
+/// One row of `GET /v1/domains`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSummary {
+    /// Runtime id, present while the domain is active.
+    pub id: Option<u32>,
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    pub reason: StateReason,
+    pub persistent: bool,
+    pub autostart: bool,
+}
+
+/// `GET /v1/domains/{name}`: what virsh dominfo shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    #[serde(flatten)]
+    pub summary: DomainSummary,
+    pub os_type: String,
+    pub vcpus: u32,
+    pub max_memory_kib: u64,
+    pub used_memory_kib: u64,
+    /// CPU time of the VMM process, while active.
+    pub cpu_time_ns: Option<u64>,
+    /// VMM process id, while active.
+    pub pid: Option<u32>,
+}
+
+/// `POST /v1/domains`: define (persistent) or create (transient, started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefineRequest {
+    pub xml: String,
+    /// Create a transient domain and start it (virsh create) instead of defining it.
+    #[serde(default)]
+    pub transient: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefineResponse {
+    pub name: String,
+    pub uuid: String,
+    /// Parts of the definition that rvirt keeps but does not act on.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XmlBody {
+    pub xml: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    /// Wait this long for the guest to power off; fail (domain left running) when it does not.
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutostartRequest {
+    pub enable: bool,
+}
+
+/// Where a pinning change applies (virsh --live/--config/--current).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinScope {
+    #[serde(default)]
+    pub live: bool,
+    #[serde(default)]
+    pub config: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuPinRequest {
+    pub vcpu: u32,
+    /// libvirt cpuset syntax: `0-3,^2`.
+    pub cpuset: String,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmulatorPinRequest {
+    pub cpuset: String,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// One row of `GET /v1/domains/{name}/vcpupin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuPin {
+    pub vcpu: u32,
+    /// Compact cpuset of the allowed host CPUs.
+    pub affinity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinInfo {
+    pub host_cpus: usize,
+    pub vcpus: Vec<VcpuPin>,
+    pub emulator: String,
+}
+
+/// One row of `GET /v1/domains/{name}/vcpus` (virsh vcpuinfo).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    pub vcpu: u32,
+    /// Host CPU the thread last ran on.
+    pub cpu: Option<u32>,
+    pub state: String,
+    pub cpu_time_ns: u64,
+    pub affinity: String,
+    /// y/- map over host CPUs, as virsh prints it.
+    pub affinity_map: String,
+    pub tid: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    pub target: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub device: String,
+    pub format: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// Host-side TAP name while active, else "-".
+    pub interface: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    pub model: String,
+    pub mac: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// Machine-readable class, after libvirt's error codes.
+    pub code: ErrorCode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NoDomain,
+    OperationInvalid,
+    XmlError,
+    ConfigUnsupported,
+    InvalidArg,
+    OperationFailed,
+    OperationTimeout,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::NoDomain => 404,
+            ErrorCode::OperationInvalid => 409,
+            ErrorCode::XmlError | ErrorCode::ConfigUnsupported | ErrorCode::InvalidArg => 400,
+            ErrorCode::OperationTimeout => 504,
+            ErrorCode::OperationFailed | ErrorCode::Internal => 500,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_use_virsh_spelling() {
+        assert_eq!(
+            serde_json::to_string(&DomainState::ShutOff).unwrap(),
+            "\"shut off\""
+        );
+        assert_eq!(
+            serde_json::to_string(&StateReason::Destroyed).unwrap(),
+            "\"destroyed\""
+        );
+        let p: VcpuPinRequest =
+            serde_json::from_str(r#"{"vcpu":1,"cpuset":"0","live":true}"#).unwrap();
+        assert!(p.scope.live && !p.scope.config);
+    }
+}

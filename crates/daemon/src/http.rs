@@ -1,0 +1,256 @@
+//! The REST API on the daemon's unix socket (axum on hyper). Handlers are thin: they parse,
+//! call the [`Manager`], and map [`ApiError`] to a status and an [`ErrorBody`].
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rvirt_api::rest::*;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+type M = State<Arc<Manager>>;
+type R<T> = Result<Json<T>, ApiError>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: self.message,
+            code: self.code,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+use serde::Serialize;
+
+fn ok() -> R<Empty> {
+    Ok(Json(Empty {}))
+}
+
+pub fn router(mgr: Arc<Manager>) -> Router {
+    let d = "/v1/domains/{name}";
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/version", get(version))
+        .route("/v1/domains", get(list).post(define))
+        .route(d, get(info).delete(undefine))
+        .route(&format!("{d}/xml"), get(dumpxml))
+        .route(&format!("{d}/start"), post(start))
+        .route(&format!("{d}/shutdown"), post(shutdown))
+        .route(&format!("{d}/reboot"), post(reboot))
+        .route(&format!("{d}/destroy"), post(destroy))
+        .route(&format!("{d}/suspend"), post(suspend))
+        .route(&format!("{d}/resume"), post(resume))
+        .route(&format!("{d}/autostart"), put(autostart))
+        .route(&format!("{d}/disks"), get(disks))
+        .route(&format!("{d}/interfaces"), get(interfaces))
+        .route(&format!("{d}/vcpus"), get(vcpus))
+        .route(&format!("{d}/vcpupin"), get(pins).post(vcpupin))
+        .route(&format!("{d}/emulatorpin"), post(emulatorpin))
+        .route(&format!("{d}/console"), get(console))
+        .with_state(mgr)
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"name": "rvirtd", "version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
+}
+
+async fn list(State(m): M) -> Json<Vec<DomainSummary>> {
+    Json(m.list())
+}
+
+async fn define(State(m): M, Json(req): Json<DefineRequest>) -> R<DefineResponse> {
+    let (resp, slot) = m.define(&req.xml, req.transient)?;
+    if req.transient {
+        let started = {
+            let _op = slot.op.lock().await;
+            m.start_locked(&resp.name, &slot).await
+        };
+        if let Err(e) = started {
+            m.remove_slot(&resp.name, &slot);
+            return Err(e);
+        }
+    }
+    Ok(Json(resp))
+}
+
+async fn info(State(m): M, Path(name): Path<String>) -> R<DomainInfo> {
+    Ok(Json(m.info(&name)?))
+}
+
+async fn undefine(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.undefine(&name).await?;
+    ok()
+}
+
+#[derive(Deserialize)]
+struct XmlQuery {
+    #[serde(default)]
+    inactive: bool,
+}
+
+async fn dumpxml(State(m): M, Path(name): Path<String>, Query(q): Query<XmlQuery>) -> R<XmlBody> {
+    Ok(Json(XmlBody {
+        xml: m.xml(&name, q.inactive)?,
+    }))
+}
+
+async fn start(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.start(&name).await?;
+    ok()
+}
+
+async fn shutdown(
+    State(m): M,
+    Path(name): Path<String>,
+    body: Option<Json<ShutdownRequest>>,
+) -> R<Empty> {
+    let timeout = body.and_then(|b| b.0.timeout_secs).map(Duration::from_secs);
+    m.shutdown(&name, timeout).await?;
+    ok()
+}
+
+async fn reboot(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.reboot(&name).await?;
+    ok()
+}
+
+async fn destroy(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.destroy(&name).await?;
+    ok()
+}
+
+async fn suspend(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.suspend(&name).await?;
+    ok()
+}
+
+async fn resume(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.resume(&name).await?;
+    ok()
+}
+
+async fn autostart(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(req): Json<AutostartRequest>,
+) -> R<Empty> {
+    m.set_autostart(&name, req.enable).await?;
+    ok()
+}
+
+async fn disks(State(m): M, Path(name): Path<String>) -> R<Vec<BlockDevice>> {
+    Ok(Json(m.block_devices(&name)?))
+}
+
+async fn interfaces(State(m): M, Path(name): Path<String>) -> R<Vec<NetInterface>> {
+    Ok(Json(m.interfaces(&name)?))
+}
+
+async fn vcpus(State(m): M, Path(name): Path<String>) -> R<Vec<VcpuInfo>> {
+    Ok(Json(m.vcpu_info(&name).await?))
+}
+
+async fn pins(State(m): M, Path(name): Path<String>) -> R<PinInfo> {
+    Ok(Json(m.pin_info(&name).await?))
+}
+
+async fn vcpupin(State(m): M, Path(name): Path<String>, Json(r): Json<VcpuPinRequest>) -> R<Empty> {
+    m.vcpupin(&name, r.vcpu, &r.cpuset, r.scope).await?;
+    ok()
+}
+
+async fn emulatorpin(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<EmulatorPinRequest>,
+) -> R<Empty> {
+    m.emulatorpin(&name, &r.cpuset, r.scope).await?;
+    ok()
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Upgrades the connection to a raw byte stream joined to the VMM's serial socket. One session
+/// per domain; `force` ends the existing one.
+async fn console(
+    State(m): M,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let (_, slot) = m.find(&name)?;
+    let serial = {
+        let st = slot.lock();
+        match &st.run {
+            Some(r) if st.state.is_active() => r.serial_socket.clone(),
+            _ => return Err(ApiError::not_running()),
+        }
+    };
+    let wants_upgrade = req.headers().get(header::UPGRADE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(CONSOLE_UPGRADE.as_bytes())
+    });
+    if !wants_upgrade {
+        return Err(ApiError::invalid_arg(format!(
+            "the console needs 'Connection: Upgrade' and 'Upgrade: {CONSOLE_UPGRADE}'"
+        )));
+    }
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel();
+    {
+        let mut cur = slot.console.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(prev) = cur.take() {
+            if !prev.is_closed() && !q.force {
+                *cur = Some(prev);
+                return Err(ApiError::failed(
+                    "Active console session exists for this domain",
+                ));
+            }
+            let _ = prev.send(());
+        }
+        *cur = Some(cancel_tx);
+    }
+    let mut stream = tokio::net::UnixStream::connect(&serial)
+        .await
+        .map_err(|e| {
+            ApiError::failed(format!(
+                "cannot open the serial console {}: {e}",
+                serial.display()
+            ))
+        })?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut io, &mut stream) => {}
+            _ = cancel_rx => {}
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, CONSOLE_UPGRADE)
+        .body(axum::body::Body::empty())
+        .expect("static response"))
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}

@@ -1,0 +1,618 @@
+//! Starting, stopping and supervising rvirt-vmm processes, with libvirt's states and reasons.
+
+use crate::error::{ApiError, ApiResult};
+use crate::manager::{Manager, Run, Slot};
+use crate::vmm_client::{self, Watch};
+use crate::xml::domain::{DomainDef, LifecycleAction};
+use crate::xml::Domain;
+use rvirt_api::rest::{DomainState, ErrorCode, StateReason};
+use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a starting VMM has to answer on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long destroy waits after asking the VMM to quit before it sends SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+
+/// The rvirt-vmm command line for a definition (see the VMM's `--help`).
+pub fn vmm_args(
+    def: &DomainDef,
+    api: &Path,
+    serial: &Path,
+    taps: &[String],
+) -> ApiResult<Vec<String>> {
+    let kernel = def.kernel.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ConfigUnsupported,
+            format!(
+                "domain '{}' has no <os><kernel>: rvirt-vmm boots a kernel directly (firmware boot is not supported); add <kernel>PATH</kernel>",
+                def.name
+            ),
+        )
+    })?;
+    let mut a = vec![
+        "--name".to_string(),
+        def.name.clone(),
+        "--kernel".into(),
+        kernel.clone(),
+    ];
+    if let Some(i) = &def.initrd {
+        a.extend(["--initrd".into(), i.clone()]);
+    }
+    if let Some(c) = &def.cmdline {
+        a.extend(["--cmdline".into(), c.clone()]);
+    }
+    a.extend([
+        "--memory".into(),
+        format!("{}M", def.current_memory_kib.div_ceil(1024)),
+    ]);
+    a.extend(["--cpus".into(), def.vcpus_current.to_string()]);
+    for d in &def.disks {
+        let mut spec = format!("path={},format={}", d.source, d.format.name());
+        if d.readonly {
+            spec.push_str(",readonly=on");
+        }
+        a.extend(["--disk".into(), spec]);
+    }
+    for (iface, tap) in def.interfaces.iter().zip(taps) {
+        let mut spec = format!("tap={tap}");
+        if let Some(mac) = &iface.mac {
+            spec.push_str(&format!(",mac={mac}"));
+        }
+        a.extend(["--net".into(), spec]);
+    }
+    a.extend(["--serial".into(), format!("socket={}", serial.display())]);
+    a.extend(["--api-socket".into(), api.display().to_string()]);
+    Ok(a)
+}
+
+fn check_files(def: &DomainDef) -> ApiResult<()> {
+    let mut paths: Vec<&String> = def.kernel.iter().chain(def.initrd.iter()).collect();
+    paths.extend(def.disks.iter().map(|d| &d.source));
+    for p in paths {
+        if let Err(e) = std::fs::metadata(p) {
+            return Err(ApiError::new(
+                ErrorCode::OperationFailed,
+                format!("Cannot access storage file '{p}': {}", io_reason(&e)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(" (os error").next().unwrap_or(&s).to_string()
+}
+
+fn run_record_path(dir: &Path) -> PathBuf {
+    dir.join("vmm.json")
+}
+
+impl Manager {
+    fn run_dir_of(&self, name: &str) -> PathBuf {
+        self.cfg.run_dir.join(name)
+    }
+
+    pub async fn start(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        self.start_locked(&name, &slot).await
+    }
+
+    /// Starts the VMM; the caller holds the slot's op lock.
+    pub async fn start_locked(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) -> ApiResult<()> {
+        let (dom, generation) = {
+            let st = slot.lock();
+            if st.gone {
+                return Err(ApiError::no_domain(name));
+            }
+            if st.state.is_active() {
+                return Err(ApiError::invalid_op("Domain is already active"));
+            }
+            (st.config.clone(), *slot.stopped.borrow() + 1)
+        };
+        let def = &dom.def;
+        check_files(def)?;
+        let dir = self.run_dir_of(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        let api = dir.join("api.sock");
+        let serial = dir.join("serial.sock");
+        let taps = match crate::tap::create_taps(name, def) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let cleanup = |why: &str| {
+            crate::tap::delete_taps(&taps);
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut st = slot.lock();
+            st.state = DomainState::ShutOff;
+            st.reason = StateReason::Failed;
+            self.log(name, &format!("start failed: {why}"));
+        };
+        let args = match vmm_args(def, &api, &serial, &taps) {
+            Ok(a) => a,
+            Err(e) => {
+                cleanup(&e.message);
+                return Err(e);
+            }
+        };
+        let mut child = match self.spawn_vmm(name, &args) {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup(&e.message);
+                return Err(e);
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        if let Err(e) = wait_ready(&mut child, &api).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let tail = self.log_tail(name, 5);
+            let msg = format!(
+                "{e}; last lines of {}:\n{tail}",
+                self.store.log_path(name).display()
+            );
+            cleanup(&e);
+            return Err(ApiError::failed(format!(
+                "rvirt-vmm for domain '{name}' did not start: {msg}"
+            )));
+        }
+        let start_time = crate::host::proc_stat(pid).map_or(0, |s| s.start_time);
+        let run = Run {
+            name: name.to_string(),
+            uuid: def.uuid.clone().unwrap_or_default(),
+            id: self.take_id(),
+            pid,
+            start_time,
+            api_socket: api,
+            serial_socket: serial,
+            taps,
+            generation,
+        };
+        let _ = crate::store::write_atomic(&dir.join("live.xml"), dom.to_xml().as_bytes());
+        let _ = crate::store::write_atomic(
+            &run_record_path(&dir),
+            serde_json::to_string(&run).unwrap_or_default().as_bytes(),
+        );
+        self.apply_cputune(&run, def).await;
+        {
+            let mut st = slot.lock();
+            st.state = DomainState::Running;
+            st.reason = StateReason::Booted;
+            st.run = Some(run.clone());
+            st.live = Some(dom.clone());
+            st.stop_intent = None;
+        }
+        self.log(
+            name,
+            &format!(
+                "started rvirt-vmm pid {pid} (id {}): {}",
+                run.id,
+                args.join(" ")
+            ),
+        );
+        tokio::spawn(self.clone().supervise(slot.clone(), run, Some(child)));
+        Ok(())
+    }
+
+    fn spawn_vmm(&self, name: &str, args: &[String]) -> ApiResult<tokio::process::Child> {
+        let log_path = self.store.log_path(name);
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", log_path.display())))
+        };
+        let mut cmd = tokio::process::Command::new(&self.cfg.vmm_binary);
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?)
+            // Own process group: a signal to the daemon's group (Ctrl+C, systemd stop of the
+            // daemon alone) does not take the VMs down, and a restarted daemon re-attaches.
+            .process_group(0)
+            .kill_on_drop(false);
+        cmd.spawn().map_err(|e| {
+            ApiError::failed(format!(
+                "cannot run the VMM binary {}: {}; set --vmm-binary or RVIRT_VMM",
+                self.cfg.vmm_binary.display(),
+                io_reason(&e)
+            ))
+        })
+    }
+
+    fn log_tail(&self, name: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.store.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Follows one VMM run until it ends, then reconciles the domain's state.
+    pub async fn supervise(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        run: Run,
+        child: Option<tokio::process::Child>,
+    ) {
+        let mut told: Option<ExitReason> = None;
+        if let Ok(mut watch) = Watch::open(&run.api_socket).await {
+            while let Some(ev) = watch.next().await {
+                match ev {
+                    Event::Exited { reason } => told = Some(reason),
+                    Event::StateChanged { state } => self.vmm_state_changed(&slot, &run, state),
+                }
+            }
+        }
+        let code = match child {
+            Some(mut c) => c.wait().await.ok().and_then(|s| s.code()),
+            None => {
+                while crate::host::process_matches(run.pid, run.start_time) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None
+            }
+        };
+        let reason = match (code, told) {
+            (Some(c), _) => ExitReason::from_exit_code(c),
+            (None, t) => t,
+        };
+        self.vmm_exited(&slot, &run, reason);
+    }
+
+    fn vmm_state_changed(&self, slot: &Slot, run: &Run, state: RunState) {
+        let mut st = slot.lock();
+        if st.run.as_ref().map(|r| r.generation) != Some(run.generation) {
+            return;
+        }
+        match state {
+            RunState::Paused if st.state != DomainState::Paused => {
+                st.state = DomainState::Paused;
+                st.reason = StateReason::User;
+            }
+            RunState::Running if st.state == DomainState::Paused => {
+                st.state = DomainState::Running;
+                st.reason = StateReason::Unpaused;
+            }
+            _ => {}
+        }
+    }
+
+    /// A VMM is gone: `reason` is what it said (or its exit status meant); `None` means it died
+    /// without saying (killed, or crashed itself).
+    fn vmm_exited(self: &Arc<Self>, slot: &Arc<Slot>, run: &Run, reason: Option<ExitReason>) {
+        let (restart, final_reason, transient_gone) = {
+            let mut st = slot.lock();
+            if st.run.as_ref().map(|r| r.generation) != Some(run.generation) {
+                return;
+            }
+            crate::tap::delete_taps(&run.taps);
+            let _ = std::fs::remove_dir_all(self.run_dir_of(&run.name));
+            st.run = None;
+            st.live = None;
+            let def = st.config.def.clone();
+            let (action, off_reason) = match (st.stop_intent.take(), reason) {
+                (Some(intent), _) => (LifecycleAction::Destroy, intent),
+                (None, Some(ExitReason::Poweroff | ExitReason::Quit)) => {
+                    (def.on_poweroff, StateReason::Shutdown)
+                }
+                (None, Some(ExitReason::Reboot)) => (def.on_reboot, StateReason::Shutdown),
+                (None, Some(ExitReason::Crash) | None) => (def.on_crash, StateReason::Crashed),
+                (None, Some(ExitReason::Error)) => (LifecycleAction::Destroy, StateReason::Failed),
+            };
+            st.state = DomainState::ShutOff;
+            st.reason = off_reason;
+            let restart = action == LifecycleAction::Restart && !st.gone;
+            (restart, off_reason, !st.persistent && !restart)
+        };
+        let why = match reason {
+            Some(r) => format!("{r:?}").to_lowercase(),
+            None => "died without an exit notice (killed or crashed)".into(),
+        };
+        let line = format!(
+            "rvirt-vmm pid {} exited ({why}); domain is shut off ({}){}",
+            run.pid,
+            final_reason.as_str(),
+            if restart {
+                "; restarting as configured"
+            } else {
+                ""
+            }
+        );
+        self.log(&run.name, &line);
+        if final_reason == StateReason::Crashed || final_reason == StateReason::Failed {
+            tracing::warn!("domain {}: {line}", run.name);
+        } else {
+            tracing::info!("domain {}: {line}", run.name);
+        }
+        if transient_gone {
+            self.remove_slot(&run.name, slot);
+        }
+        slot.stopped.send_modify(|n| *n += 1);
+        if restart {
+            let (mgr, slot, name) = (self.clone(), slot.clone(), run.name.clone());
+            tokio::spawn(async move {
+                let _op = slot.op.lock().await;
+                if slot.lock().state == DomainState::ShutOff {
+                    if let Err(e) = mgr.start_locked(&name, &slot).await {
+                        mgr.log(&name, &format!("restart failed: {e}"));
+                        tracing::error!("domain {name}: restart failed: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    fn active_run(slot: &Slot) -> ApiResult<Run> {
+        let st = slot.lock();
+        match &st.run {
+            Some(r) if st.state.is_active() => Ok(r.clone()),
+            _ => Err(ApiError::not_running()),
+        }
+    }
+
+    pub async fn destroy(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        let (_, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        self.stop_locked(&slot, StateReason::Destroyed).await
+    }
+
+    /// Stops the VMM now: quit request, then SIGKILL. Waits until supervision saw it end.
+    async fn stop_locked(&self, slot: &Slot, intent: StateReason) -> ApiResult<()> {
+        let run = Self::active_run(slot)?;
+        let mut stopped = slot.stopped.subscribe();
+        stopped.borrow_and_update();
+        slot.lock().stop_intent = Some(intent);
+        let _ = vmm_client::request(&run.api_socket, &Request::Quit).await;
+        if tokio::time::timeout(QUIT_GRACE, stopped.changed())
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if crate::host::process_matches(run.pid, run.start_time) {
+            // SAFETY: kill(2) with a pid we verified is our VMM (pid + start time).
+            unsafe { libc::kill(run.pid as i32, libc::SIGKILL) };
+        }
+        match tokio::time::timeout(Duration::from_secs(10), stopped.changed()).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ApiError::failed(format!(
+                "rvirt-vmm pid {} did not exit after SIGKILL",
+                run.pid
+            ))),
+        }
+    }
+
+    pub async fn shutdown(self: &Arc<Self>, key: &str, timeout: Option<Duration>) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let mut stopped = slot.stopped.subscribe();
+        {
+            let _op = slot.op.lock().await;
+            let run = Self::active_run(&slot)?;
+            if slot.lock().state == DomainState::Paused {
+                return Err(ApiError::invalid_op(
+                    "Requested operation is not valid: domain is paused; resume it before shutdown",
+                ));
+            }
+            stopped.borrow_and_update();
+            vmm_client::request(&run.api_socket, &Request::PowerButton)
+                .await
+                .map_err(|e| {
+                    ApiError::failed(format!("cannot press the power button of '{name}': {e}"))
+                })?;
+            let mut st = slot.lock();
+            if st.run.as_ref().map(|r| r.generation) == Some(run.generation) {
+                st.state = DomainState::InShutdown;
+                st.reason = StateReason::User;
+            }
+        }
+        let Some(t) = timeout else { return Ok(()) };
+        if tokio::time::timeout(t, stopped.changed()).await.is_ok() {
+            return Ok(());
+        }
+        let mut st = slot.lock();
+        if st.state == DomainState::InShutdown {
+            st.state = DomainState::Running;
+            st.reason = StateReason::Booted;
+        }
+        Err(ApiError::new(
+            ErrorCode::OperationTimeout,
+            format!(
+                "domain '{name}' did not shut down within {} seconds; it is still running (destroy forces it off)",
+                t.as_secs()
+            ),
+        ))
+    }
+
+    /// Reset: the VMM is stopped and started again from the definition (the control protocol
+    /// has no in-guest reboot request).
+    pub async fn reboot(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let persistent_config = {
+            let st = slot.lock();
+            if !st.state.is_active() {
+                return Err(ApiError::not_running());
+            }
+            // A transient domain would vanish when stopped: keep it registered for the restart.
+            st.persistent
+        };
+        if !persistent_config {
+            slot.lock().persistent = true;
+        }
+        let stop = self.stop_locked(&slot, StateReason::Destroyed).await;
+        if !persistent_config {
+            slot.lock().persistent = false;
+        }
+        stop?;
+        self.start_locked(&name, &slot).await
+    }
+
+    pub async fn suspend(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        self.pause_resume(key, true).await
+    }
+
+    pub async fn resume(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        self.pause_resume(key, false).await
+    }
+
+    async fn pause_resume(&self, key: &str, pause: bool) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let run = Self::active_run(&slot)?;
+        let state = slot.lock().state;
+        match (pause, state) {
+            (true, DomainState::Paused) => return Ok(()),
+            (false, DomainState::Running | DomainState::InShutdown) => {
+                return Err(ApiError::invalid_op(
+                    "Requested operation is not valid: domain is not paused",
+                ))
+            }
+            _ => {}
+        }
+        let req = if pause {
+            Request::Pause
+        } else {
+            Request::Resume
+        };
+        vmm_client::request(&run.api_socket, &req)
+            .await
+            .map_err(|e| {
+                ApiError::failed(format!(
+                    "cannot {} domain '{name}': {e}",
+                    if pause { "suspend" } else { "resume" }
+                ))
+            })?;
+        let mut st = slot.lock();
+        if st.run.as_ref().map(|r| r.generation) == Some(run.generation) {
+            if pause {
+                st.state = DomainState::Paused;
+                st.reason = StateReason::User;
+            } else {
+                st.state = DomainState::Running;
+                st.reason = StateReason::Unpaused;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a daemon restart: re-attaches to every VMM still running per the run dir, and
+    /// cleans up after those that are gone.
+    pub async fn reattach(self: &Arc<Self>) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.run_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Ok(text) = std::fs::read_to_string(run_record_path(&dir)) else {
+                continue;
+            };
+            let Ok(run) = serde_json::from_str::<Run>(&text) else {
+                tracing::warn!("ignoring unreadable run record in {}", dir.display());
+                continue;
+            };
+            self.bump_id_above(run.id);
+            if let Err(e) = self.reattach_one(&dir, run.clone()).await {
+                tracing::warn!("domain {}: {e}; marking it shut off", run.name);
+                self.log(
+                    &run.name,
+                    &format!("not re-attached after daemon restart: {e}"),
+                );
+                crate::tap::delete_taps(&run.taps);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+
+    async fn reattach_one(self: &Arc<Self>, dir: &Path, run: Run) -> Result<(), String> {
+        if !crate::host::process_matches(run.pid, run.start_time) {
+            return Err(format!("its VMM (pid {}) is gone", run.pid));
+        }
+        let state = match vmm_client::request(&run.api_socket, &Request::Info).await {
+            Ok(Response::Info { state, .. }) => state,
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        let live = std::fs::read_to_string(dir.join("live.xml"))
+            .ok()
+            .and_then(|x| Domain::parse(&x).ok())
+            .ok_or("its live definition is missing")?;
+        let slot = match self.find(&run.name) {
+            Ok((_, s)) => s,
+            Err(_) => {
+                let s = Slot::new(live.clone(), false, false);
+                self.insert_slot(&run.name, s.clone());
+                s
+            }
+        };
+        {
+            let mut st = slot.lock();
+            st.state = match state {
+                RunState::Paused => DomainState::Paused,
+                RunState::ShuttingDown => DomainState::InShutdown,
+                RunState::Running => DomainState::Running,
+            };
+            st.reason = match state {
+                RunState::Running => StateReason::Booted,
+                _ => StateReason::User,
+            };
+            st.run = Some(run.clone());
+            st.live = Some(live);
+        }
+        slot.stopped
+            .send_modify(|n| *n = (*n).max(run.generation - 1));
+        self.log(
+            &run.name,
+            &format!(
+                "re-attached to rvirt-vmm pid {} after daemon restart",
+                run.pid
+            ),
+        );
+        tokio::spawn(self.clone().supervise(slot, run, None));
+        Ok(())
+    }
+
+    /// Starts every autostart domain that is not running (at daemon start).
+    pub async fn autostart(self: &Arc<Self>) {
+        for (name, slot) in self.all_slots() {
+            let want = {
+                let st = slot.lock();
+                st.autostart && !st.state.is_active()
+            };
+            if want {
+                match self.start(&name).await {
+                    Ok(()) => tracing::info!("domain {name}: autostarted"),
+                    Err(e) => tracing::error!("domain {name}: autostart failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Waits until the VMM answers on its control socket, or fails if it exits first.
+async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("rvirt-vmm exited during start-up with {status}"));
+        }
+        if api.exists() && vmm_client::request(api, &Request::Info).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "rvirt-vmm did not answer on {} within {START_TIMEOUT:?}",
+                api.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

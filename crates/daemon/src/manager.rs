@@ -1,0 +1,447 @@
+//! The domain registry: every defined (or transient, running) domain, its state, and the
+//! per-domain lock that serializes operations on it. Lifecycle operations are in
+//! [`crate::lifecycle`], pinning in [`crate::pinning`].
+
+use crate::error::{ApiError, ApiResult};
+use crate::store::{random_mac, random_uuid, Store};
+use crate::xml::Domain;
+use rvirt_api::rest::{
+    BlockDevice, DefineResponse, DomainInfo, DomainState, DomainSummary, ErrorCode, NetInterface,
+    StateReason,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub vmm_binary: PathBuf,
+}
+
+/// One running VMM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    pub name: String,
+    pub uuid: String,
+    pub id: u32,
+    pub pid: u32,
+    /// /proc start time: with the pid, identifies the process across pid reuse.
+    pub start_time: u64,
+    pub api_socket: PathBuf,
+    pub serial_socket: PathBuf,
+    pub taps: Vec<String>,
+    /// Increases with every start, so a late exit notice of an old run is not taken for the
+    /// current one.
+    pub generation: u64,
+}
+
+pub struct SlotState {
+    /// The definition: persistent config, or the transient domain's only definition.
+    pub config: Domain,
+    /// The definition the running VMM was started from.
+    pub live: Option<Domain>,
+    pub persistent: bool,
+    pub autostart: bool,
+    pub state: DomainState,
+    pub reason: StateReason,
+    pub run: Option<Run>,
+    /// Set by destroy/reboot before they stop the VMM, so the exit is not taken for a crash.
+    pub stop_intent: Option<StateReason>,
+    /// The slot was removed from the registry (undefined transient domain that stopped).
+    pub gone: bool,
+}
+
+pub struct Slot {
+    /// Serializes lifecycle operations on this domain.
+    pub op: tokio::sync::Mutex<()>,
+    pub st: Mutex<SlotState>,
+    /// Counts VMM runs that ended; waiters subscribe before stopping a VMM.
+    pub stopped: tokio::sync::watch::Sender<u64>,
+    /// Cancels the attached console session, if any.
+    pub console: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Slot {
+    pub fn new(config: Domain, persistent: bool, autostart: bool) -> Arc<Slot> {
+        Arc::new(Slot {
+            op: tokio::sync::Mutex::new(()),
+            st: Mutex::new(SlotState {
+                config,
+                live: None,
+                persistent,
+                autostart,
+                state: DomainState::ShutOff,
+                reason: StateReason::Unknown,
+                run: None,
+                stop_intent: None,
+                gone: false,
+            }),
+            stopped: tokio::sync::watch::channel(0).0,
+            console: Mutex::new(None),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct Manager {
+    pub cfg: Config,
+    pub store: Store,
+    slots: Mutex<BTreeMap<String, Arc<Slot>>>,
+    next_id: AtomicU32,
+    pub host_cpus: usize,
+}
+
+impl Manager {
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Manager>> {
+        use anyhow::Context;
+        let store = Store::open(&cfg.state_dir)?;
+        std::fs::create_dir_all(&cfg.run_dir)
+            .with_context(|| format!("cannot create run dir {}", cfg.run_dir.display()))?;
+        let (stored, broken) = store.load_all()?;
+        for b in broken {
+            tracing::error!("skipping a stored definition: {b}; fix or remove the file");
+        }
+        let mut slots = BTreeMap::new();
+        for s in stored {
+            for w in &s.domain.warnings {
+                tracing::warn!("domain {}: {w}", s.domain.def.name);
+            }
+            slots.insert(
+                s.domain.def.name.clone(),
+                Slot::new(s.domain, true, s.autostart),
+            );
+        }
+        Ok(Arc::new(Manager {
+            cfg,
+            store,
+            slots: Mutex::new(slots),
+            next_id: AtomicU32::new(1),
+            host_cpus: crate::host::host_cpus(),
+        }))
+    }
+
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn take_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn bump_id_above(&self, id: u32) {
+        self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+    }
+
+    pub fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {
+        self.slots()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Finds a domain by name, UUID or runtime id, as virsh does.
+    pub fn find(&self, key: &str) -> ApiResult<(String, Arc<Slot>)> {
+        let slots = self.slots();
+        if let Some(s) = slots.get(key) {
+            return Ok((key.to_string(), s.clone()));
+        }
+        let key_uuid = uuid::Uuid::parse_str(key)
+            .ok()
+            .map(|u| u.hyphenated().to_string());
+        let key_id: Option<u32> = key.parse().ok();
+        for (name, slot) in slots.iter() {
+            let st = slot.lock();
+            let by_uuid = key_uuid.is_some() && st.config.def.uuid == key_uuid;
+            let by_id = key_id.is_some() && st.run.as_ref().map(|r| r.id) == key_id;
+            if by_uuid || by_id {
+                return Ok((name.clone(), slot.clone()));
+            }
+        }
+        Err(ApiError::no_domain(key))
+    }
+
+    pub fn insert_slot(&self, name: &str, slot: Arc<Slot>) {
+        self.slots().insert(name.to_string(), slot);
+    }
+
+    /// Removes `slot` from the registry if it is still the one registered under `name`.
+    pub fn remove_slot(&self, name: &str, slot: &Arc<Slot>) {
+        let mut slots = self.slots();
+        if slots.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            slots.remove(name);
+        }
+        slot.lock().gone = true;
+    }
+
+    /// Defines (or redefines) a persistent domain, or registers a transient one (which the
+    /// caller then starts).
+    pub fn define(&self, xml: &str, transient: bool) -> ApiResult<(DefineResponse, Arc<Slot>)> {
+        let mut dom = Domain::parse(xml)?;
+        let name = dom.def.name.clone();
+        let mut slots = self.slots();
+        let existing = slots.get(&name).cloned();
+        if let Some(uuid) = &dom.def.uuid {
+            for (other, slot) in slots.iter() {
+                if other != &name && slot.lock().config.def.uuid.as_ref() == Some(uuid) {
+                    return Err(ApiError::invalid_op(format!(
+                        "operation failed: domain '{other}' already exists with uuid {uuid}"
+                    )));
+                }
+            }
+        }
+        let mut used_macs: HashSet<String> = HashSet::new();
+        for (other, slot) in slots.iter() {
+            if other != &name {
+                let st = slot.lock();
+                used_macs.extend(
+                    st.config
+                        .def
+                        .interfaces
+                        .iter()
+                        .filter_map(|i| i.mac.clone()),
+                );
+            }
+        }
+        for mac in dom.def.interfaces.iter().filter_map(|i| i.mac.as_ref()) {
+            if !used_macs.insert(mac.clone()) {
+                return Err(ApiError::new(
+                    ErrorCode::ConfigUnsupported,
+                    format!("MAC address {mac} is already used by another domain; remove <mac> to get a generated one"),
+                ));
+            }
+        }
+        dom.fill_macs(|| loop {
+            let m = random_mac();
+            if used_macs.insert(m.clone()) {
+                return m;
+            }
+        });
+        let slot = match existing {
+            Some(slot) => {
+                let mut st = slot.lock();
+                let old_uuid = st.config.def.uuid.clone().unwrap_or_default();
+                match &dom.def.uuid {
+                    Some(u) if *u != old_uuid => {
+                        return Err(ApiError::invalid_op(format!(
+                            "operation failed: domain '{name}' already exists with uuid {old_uuid}"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => dom.set_uuid(&old_uuid),
+                }
+                if transient {
+                    return Err(ApiError::invalid_op(if st.state.is_active() {
+                        "Domain is already active".to_string()
+                    } else {
+                        format!("operation failed: domain '{name}' already exists with uuid {old_uuid}; use start")
+                    }));
+                }
+                self.store.save(&dom)?;
+                st.config = dom.clone();
+                st.persistent = true;
+                drop(st);
+                slot
+            }
+            None => {
+                if dom.def.uuid.is_none() {
+                    dom.set_uuid(&random_uuid());
+                }
+                if !transient {
+                    self.store.save(&dom)?;
+                }
+                let slot = Slot::new(dom.clone(), !transient, false);
+                slots.insert(name.clone(), slot.clone());
+                slot
+            }
+        };
+        Ok((
+            DefineResponse {
+                name,
+                uuid: dom.def.uuid.clone().unwrap_or_default(),
+                warnings: dom.warnings.clone(),
+            },
+            slot,
+        ))
+    }
+
+    pub async fn undefine(&self, key: &str) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let mut st = slot.lock();
+        if st.gone {
+            return Err(ApiError::no_domain(key));
+        }
+        if !st.persistent {
+            return Err(ApiError::invalid_op(
+                "Requested operation is not valid: cannot undefine transient domain",
+            ));
+        }
+        self.store.remove(&name)?;
+        st.persistent = false;
+        st.autostart = false;
+        let active = st.state.is_active();
+        drop(st);
+        if !active {
+            self.remove_slot(&name, &slot);
+        }
+        Ok(())
+    }
+
+    pub async fn set_autostart(&self, key: &str, enable: bool) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let mut st = slot.lock();
+        if !st.persistent {
+            return Err(ApiError::invalid_op(
+                "Requested operation is not valid: cannot set autostart for transient domain",
+            ));
+        }
+        self.store.set_autostart(&name, enable)?;
+        st.autostart = enable;
+        Ok(())
+    }
+
+    pub fn summary(&self, slot: &Slot) -> DomainSummary {
+        let st = slot.lock();
+        summary_of(&st)
+    }
+
+    pub fn list(&self) -> Vec<DomainSummary> {
+        self.all_slots()
+            .iter()
+            .map(|(_, s)| self.summary(s))
+            .collect()
+    }
+
+    pub fn info(&self, key: &str) -> ApiResult<DomainInfo> {
+        let (_, slot) = self.find(key)?;
+        let st = slot.lock();
+        let def = &st.live.as_ref().unwrap_or(&st.config).def;
+        let stat = st.run.as_ref().and_then(|r| crate::host::proc_stat(r.pid));
+        Ok(DomainInfo {
+            summary: summary_of(&st),
+            os_type: def.os_type.clone(),
+            vcpus: def.vcpus_current,
+            max_memory_kib: def.memory_kib,
+            used_memory_kib: def.current_memory_kib,
+            cpu_time_ns: stat.map(|s| s.cpu_time_ns),
+            pid: st.run.as_ref().map(|r| r.pid),
+        })
+    }
+
+    pub fn xml(&self, key: &str, inactive: bool) -> ApiResult<String> {
+        let (_, slot) = self.find(key)?;
+        let st = slot.lock();
+        let dom = match (&st.live, inactive) {
+            (Some(live), false) => live,
+            _ => &st.config,
+        };
+        Ok(dom.to_xml())
+    }
+
+    pub fn block_devices(&self, key: &str) -> ApiResult<Vec<BlockDevice>> {
+        let (_, slot) = self.find(key)?;
+        let st = slot.lock();
+        let def = &st.live.as_ref().unwrap_or(&st.config).def;
+        Ok(def
+            .disks
+            .iter()
+            .map(|d| BlockDevice {
+                target: d.target.clone(),
+                source: d.source.clone(),
+                kind: if d.source.starts_with("/dev/") {
+                    "block"
+                } else {
+                    "file"
+                }
+                .into(),
+                device: "disk".into(),
+                format: d.format.name().into(),
+                readonly: d.readonly,
+            })
+            .collect())
+    }
+
+    pub fn interfaces(&self, key: &str) -> ApiResult<Vec<NetInterface>> {
+        use crate::xml::domain::InterfaceSource;
+        let (_, slot) = self.find(key)?;
+        let st = slot.lock();
+        let def = &st.live.as_ref().unwrap_or(&st.config).def;
+        let taps = st.run.as_ref().map(|r| r.taps.clone()).unwrap_or_default();
+        Ok(def
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (kind, source) = match &n.source {
+                    InterfaceSource::Network(s) => ("network", s.clone()),
+                    InterfaceSource::Bridge(s) => ("bridge", s.clone()),
+                };
+                NetInterface {
+                    interface: taps.get(i).cloned().unwrap_or_else(|| "-".into()),
+                    kind: kind.into(),
+                    source,
+                    model: n.model.clone(),
+                    mac: n.mac.clone().unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
+    /// Appends a timestamped line to the domain's log (like libvirt's qemu/NAME.log).
+    pub fn log(&self, name: &str, line: &str) {
+        let path = self.store.log_path(name);
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            let _ = writeln!(f, "{} rvirtd: {line}", timestamp());
+        }
+    }
+}
+
+pub fn summary_of(st: &SlotState) -> DomainSummary {
+    DomainSummary {
+        id: st.run.as_ref().map(|r| r.id),
+        name: st.config.def.name.clone(),
+        uuid: st.config.def.uuid.clone().unwrap_or_default(),
+        state: st.state,
+        reason: st.reason,
+        persistent: st.persistent,
+        autostart: st.autostart,
+    }
+}
+
+/// UTC time as `YYYY-MM-DD HH:MM:SS.mmm`, without a date crate: civil-from-days arithmetic.
+pub fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        now.subsec_millis()
+    )
+}

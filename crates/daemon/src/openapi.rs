@@ -1,0 +1,90 @@
+//! The OpenAPI 3 description served at `/v1/openapi.json`. Kept next to the router; the test
+//! `openapi_lists_every_route` checks the two agree.
+
+use serde_json::{json, Value};
+
+/// (method, path, summary, request schema, response schema)
+pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
+    ("get", "/v1/version", "Daemon name and API version", None, "Version"),
+    ("get", "/v1/domains", "List all domains (virsh list --all)", None, "DomainSummaryList"),
+    ("post", "/v1/domains", "Define a domain, or create a transient one and start it", Some("DefineRequest"), "DefineResponse"),
+    ("get", "/v1/domains/{name}", "Domain information (virsh dominfo); name, UUID or id", None, "DomainInfo"),
+    ("delete", "/v1/domains/{name}", "Undefine a domain", None, "Empty"),
+    ("get", "/v1/domains/{name}/xml", "Domain XML; ?inactive=true for the persistent definition", None, "XmlBody"),
+    ("post", "/v1/domains/{name}/start", "Start a defined domain", None, "Empty"),
+    ("post", "/v1/domains/{name}/shutdown", "Press the ACPI power button; optional timeout", Some("ShutdownRequest"), "Empty"),
+    ("post", "/v1/domains/{name}/reboot", "Reset the domain (stop and start its VMM)", None, "Empty"),
+    ("post", "/v1/domains/{name}/destroy", "Stop the domain now", None, "Empty"),
+    ("post", "/v1/domains/{name}/suspend", "Pause all vCPUs", None, "Empty"),
+    ("post", "/v1/domains/{name}/resume", "Resume paused vCPUs", None, "Empty"),
+    ("put", "/v1/domains/{name}/autostart", "Enable or disable autostart", Some("AutostartRequest"), "Empty"),
+    ("get", "/v1/domains/{name}/disks", "Block devices (virsh domblklist)", None, "BlockDeviceList"),
+    ("get", "/v1/domains/{name}/interfaces", "Network interfaces (virsh domiflist)", None, "NetInterfaceList"),
+    ("get", "/v1/domains/{name}/vcpus", "vCPU threads (virsh vcpuinfo)", None, "VcpuInfoList"),
+    ("get", "/v1/domains/{name}/vcpupin", "vCPU and emulator affinity", None, "PinInfo"),
+    ("post", "/v1/domains/{name}/vcpupin", "Pin one vCPU", Some("VcpuPinRequest"), "Empty"),
+    ("post", "/v1/domains/{name}/emulatorpin", "Pin the emulator threads", Some("EmulatorPinRequest"), "Empty"),
+    ("get", "/v1/domains/{name}/console", "Serial console: upgrade to a raw byte stream (Upgrade: rvirt-console); ?force=true ends another session", None, "Empty"),
+    ("get", "/v1/openapi.json", "This document", None, "Empty"),
+];
+
+fn schemas() -> Value {
+    let s = |props: &[(&str, &str)]| {
+        let map: serde_json::Map<String, Value> = props
+            .iter()
+            .map(|(k, t)| (k.to_string(), json!({"type": t})))
+            .collect();
+        json!({"type": "object", "properties": map})
+    };
+    let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
+    json!({
+        "Empty": s(&[]),
+        "Version": s(&[("name", "string"), ("version", "string"), ("api", "string")]),
+        "DomainSummary": s(&[("id", "integer"), ("name", "string"), ("uuid", "string"), ("state", "string"), ("reason", "string"), ("persistent", "boolean"), ("autostart", "boolean")]),
+        "DomainSummaryList": list("DomainSummary"),
+        "DomainInfo": s(&[("id", "integer"), ("name", "string"), ("uuid", "string"), ("state", "string"), ("reason", "string"), ("persistent", "boolean"), ("autostart", "boolean"), ("os_type", "string"), ("vcpus", "integer"), ("max_memory_kib", "integer"), ("used_memory_kib", "integer"), ("cpu_time_ns", "integer"), ("pid", "integer")]),
+        "DefineRequest": s(&[("xml", "string"), ("transient", "boolean")]),
+        "DefineResponse": s(&[("name", "string"), ("uuid", "string"), ("warnings", "array")]),
+        "XmlBody": s(&[("xml", "string")]),
+        "ShutdownRequest": s(&[("timeout_secs", "integer")]),
+        "AutostartRequest": s(&[("enable", "boolean")]),
+        "BlockDevice": s(&[("target", "string"), ("source", "string"), ("type", "string"), ("device", "string"), ("format", "string"), ("readonly", "boolean")]),
+        "BlockDeviceList": list("BlockDevice"),
+        "NetInterface": s(&[("interface", "string"), ("type", "string"), ("source", "string"), ("model", "string"), ("mac", "string")]),
+        "NetInterfaceList": list("NetInterface"),
+        "VcpuInfo": s(&[("vcpu", "integer"), ("cpu", "integer"), ("state", "string"), ("cpu_time_ns", "integer"), ("affinity", "string"), ("affinity_map", "string"), ("tid", "integer")]),
+        "VcpuInfoList": list("VcpuInfo"),
+        "PinInfo": s(&[("host_cpus", "integer"), ("vcpus", "array"), ("emulator", "string")]),
+        "VcpuPinRequest": s(&[("vcpu", "integer"), ("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
+        "EmulatorPinRequest": s(&[("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
+        "ErrorBody": s(&[("error", "string"), ("code", "string")]),
+    })
+}
+
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, req, resp) in OPERATIONS {
+        let mut op = json!({
+            "summary": summary,
+            "responses": {
+                "200": {"description": "success", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{resp}")}}}},
+                "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+            }
+        });
+        if path.contains("{name}") {
+            op["parameters"] = json!([{"name": "name", "in": "path", "required": true, "description": "domain name, UUID or id", "schema": {"type": "string"}}]);
+        }
+        if let Some(r) = req {
+            op["requestBody"] = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}});
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "rvirtd API", "version": "1"},
+        "servers": [{"url": "http://localhost", "description": "over the daemon's unix socket"}],
+        "paths": paths,
+        "components": {"schemas": schemas()},
+    })
+}
