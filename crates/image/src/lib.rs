@@ -188,6 +188,21 @@ impl BlockDevice for Image {
     }
 }
 
+/// Creates `path` as an image of `format`; raw images use only `size` and `preallocation`.
+pub fn create_image(path: &Path, format: Format, opts: &qcow2::CreateOptions) -> Result<()> {
+    match format {
+        Format::Raw => {
+            if opts.backing_file.is_some() {
+                return Err(Error::InvalidArgument(
+                    "raw images cannot have a backing file; use -f qcow2".into(),
+                ));
+            }
+            RawFile::create(path, opts.size, opts.preallocation)
+        }
+        Format::Qcow2 => Qcow2::create(path, opts),
+    }
+}
+
 /// Guesses the format from the first bytes: qcow2 has a magic, anything else is raw.
 pub fn probe(path: &Path) -> Result<Format> {
     use std::io::Read;

@@ -95,36 +95,54 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     Ok(())
 }
 
-/// Names the process holding `byte`, from /proc/locks, for the error message.
+/// Names the process holding `byte`, for the error message. OFD locks show no owner in
+/// /proc/locks, so the open files' fdinfo of each process is searched instead.
 fn holder(file: &File, byte: i64) -> String {
     let fallback = "another process".to_string();
     let Ok(meta) = file.metadata() else {
         return fallback;
     };
-    let me = std::process::id().to_string();
     let ino = meta.ino().to_string();
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
         return fallback;
     };
-    for line in locks.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // "1: OFDLCK ADVISORY READ <pid> <maj:min:ino> <start> <end>"
-        let Some(pos) = f.iter().position(|w| *w == "READ" || *w == "WRITE") else {
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
             continue;
         };
-        let (Some(pid), Some(dev), Some(start), Some(end)) = (
-            f.get(pos + 1),
-            f.get(pos + 2),
-            f.get(pos + 3),
-            f.get(pos + 4),
-        ) else {
-            continue;
-        };
-        let in_range = start.parse::<i64>().is_ok_and(|s| s <= byte)
-            && end.parse::<i64>().map_or(true, |e| e >= byte);
-        if dev.rsplit(':').next() == Some(ino.as_str()) && in_range && *pid != me && *pid != "-1" {
-            return format!("process {pid}");
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            if info
+                .lines()
+                .filter_map(|l| l.strip_prefix("lock:"))
+                .any(|l| lock_line_matches(l, &ino, byte))
+            {
+                return format!("process {pid}");
+            }
         }
     }
     fallback
+}
+
+/// Whether a lock line ("1: OFDLCK ADVISORY READ -1 fe:00:1234 100 100") covers `byte` of
+/// inode `ino`.
+fn lock_line_matches(line: &str, ino: &str, byte: i64) -> bool {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let Some(pos) = f.iter().position(|w| *w == "READ" || *w == "WRITE") else {
+        return false;
+    };
+    let (Some(dev), Some(start), Some(end)) = (f.get(pos + 2), f.get(pos + 3), f.get(pos + 4))
+    else {
+        return false;
+    };
+    let in_range = start.parse::<i64>().is_ok_and(|s| s <= byte)
+        && (*end == "EOF" || end.parse::<i64>().is_ok_and(|e| e >= byte));
+    dev.rsplit(':').next() == Some(ino) && in_range
 }

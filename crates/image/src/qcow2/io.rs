@@ -272,6 +272,10 @@ impl State {
                 if self.comp_cache.as_ref().is_some_and(|(h, _)| *h == host) {
                     self.comp_cache = None;
                 }
+                // Never append compressed data to a cluster that may be freed now.
+                if self.comp_next != 0 && (first..=last).contains(&((self.comp_next - 1) / cs)) {
+                    self.comp_next = 0;
+                }
                 self.rc.adjust(first, last - first + 1, -1, &[])
             }
             None => Ok(()),
@@ -661,6 +665,32 @@ impl State {
                 Ok(e)
             }
         }
+    }
+
+    pub(crate) fn make_empty(&mut self) -> Result<()> {
+        self.check_writable()?;
+        self.mark_dirty()?;
+        let cs = self.cs();
+        let stride = self.stride();
+        for i in 0..self.l1.len() as u64 {
+            let Some(off) = self.l2_offset(i)? else {
+                continue;
+            };
+            let t = self.l2.get(&self.f, off, cs)?.clone();
+            self.set_l1(i, 0)?;
+            self.l2.remove(off);
+            self.rc.adjust(off / cs, 1, -1, &[])?;
+            // Each L1 table holds its own reference on the data it reaches, even through a
+            // table shared with a snapshot.
+            for k in 0..t.len() as u64 / stride {
+                let bm = (stride == 2).then(|| t[(k * stride + 1) as usize]);
+                let c = l2::decode(t[(k * stride) as usize], bm, self.hdr.cluster_bits);
+                self.release(c)?;
+            }
+        }
+        self.comp_cache = None;
+        self.comp_next = 0;
+        Ok(())
     }
 
     /// Host clusters holding guest data in the active L1 tree.

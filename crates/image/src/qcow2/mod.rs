@@ -181,6 +181,12 @@ impl Qcow2 {
         self.st().amend(version, lazy)
     }
 
+    /// Drops every cluster of the active layer, so all reads fall through to the backing file
+    /// (what `commit` leaves behind).
+    pub fn make_empty(&self) -> Result<()> {
+        self.st().make_empty()
+    }
+
     /// Guest bytes allocated in this image (not the chain), in host clusters.
     pub fn allocated_clusters(&self) -> Result<u64> {
         self.st().count_allocated()

@@ -1,0 +1,226 @@
+//! `convert`: copy images between formats, skipping holes and zeroes, optionally compressing.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rvirt_image::qcow2::CreateOptions;
+use rvirt_image::{create_image, BlockDevice, Format, Image};
+
+use crate::common::{apply_create_options, open, progress, split_options};
+use crate::size::parse_size;
+
+/// Bytes read and written per step.
+const CHUNK: u64 = 2 << 20;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output format options (as for create).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Compress the output (qcow2 only).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Runs of zeroes of at least this size are left unallocated (0: allocate everything).
+    #[arg(short = 'S', default_value = "4k")]
+    sparse: String,
+    /// Make the output an overlay of this backing file; only data the source's top image
+    /// holds is copied.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the -B backing file.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Write into an existing output instead of creating it.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Read sources without taking their lock.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Source image(s), concatenated, then the output.
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<PathBuf>,
+}
+
+struct Plan {
+    sparse: u64,
+    compress: bool,
+    /// The output starts out reading as zeroes, so zero ranges need no writes.
+    fresh: bool,
+    /// Copy only what a source's top layer holds (-B).
+    top_only: bool,
+}
+
+pub fn run(mut a: ConvertArgs) -> Result<u8> {
+    let out_path = a.files.pop().context("no output file given")?;
+    let out_format: Format = a.out_format.parse()?;
+    let sparse = parse_size(&a.sparse)?;
+    if sparse % 512 != 0 {
+        bail!("-S {} must be a multiple of 512", a.sparse);
+    }
+    if a.compress && out_format != Format::Qcow2 {
+        bail!("-c needs an output format that supports compression: use -O qcow2");
+    }
+    let sources = a
+        .files
+        .iter()
+        .map(|p| open(p, a.format.as_deref(), true, a.force_share))
+        .collect::<Result<Vec<Image>>>()?;
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    if !a.no_create {
+        let mut o = CreateOptions {
+            size: total,
+            ..Default::default()
+        };
+        apply_create_options(&mut o, out_format, &split_options(&a.options))?;
+        if a.backing.is_some() {
+            o.backing_file = a.backing.clone();
+            o.backing_format = a.backing_fmt.clone();
+            if o.backing_format.is_none() {
+                bail!("-B given without -F: name the backing file's format");
+            }
+        }
+        create_image(&out_path, out_format, &o)
+            .with_context(|| format!("could not create '{}'", out_path.display()))?;
+    } else if !a.options.is_empty() {
+        bail!("-o cannot be used with -n (the output already exists)");
+    }
+    let target = open(&out_path, Some(out_format.name()), false, false)?;
+    if target.size() < total {
+        bail!(
+            "output '{}' ({} bytes) is smaller than the input ({total} bytes)",
+            out_path.display(),
+            target.size()
+        );
+    }
+    let plan = Plan {
+        sparse,
+        compress: a.compress,
+        fresh: !a.no_create && a.backing.is_none(),
+        top_only: a.backing.is_some(),
+    };
+    let pb = progress(a.progress && !a.quiet, total);
+    let mut base = 0;
+    for (src, path) in sources.iter().zip(&a.files) {
+        copy(src, &target, base, &plan, &pb).with_context(|| {
+            format!(
+                "converting '{}' to '{}' failed",
+                path.display(),
+                out_path.display()
+            )
+        })?;
+        base += src.size();
+    }
+    target
+        .flush()
+        .with_context(|| format!("flushing '{}'", out_path.display()))?;
+    pb.finish_and_clear();
+    Ok(0)
+}
+
+fn copy(
+    src: &Image,
+    dst: &Image,
+    base: u64,
+    plan: &Plan,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    let size = src.size();
+    let cs = dst.as_qcow2().map_or(65536, |q| q.header().cluster_size());
+    let mut buf = vec![0u8; CHUNK.max(cs) as usize];
+    let mut pos = 0;
+    while pos < size {
+        let want = if plan.compress {
+            // Compressed writes go cluster by cluster: align steps to output clusters.
+            let end = ((base + pos) / cs + 1) * cs - base;
+            (end.min(size) - pos).min(cs)
+        } else {
+            CHUNK.min(size - pos)
+        };
+        let e = src.map_extent(pos, want)?;
+        let n = e.length;
+        let skip = plan.top_only && e.depth > 0 && src.as_qcow2().is_some();
+        if !skip {
+            if !e.data && plan.sparse > 0 {
+                if !plan.fresh {
+                    dst.write_zeroes(base + pos, n, true)?;
+                }
+            } else if plan.compress {
+                // The whole output cluster: read it all so the compressed cluster is complete.
+                let cstart = (base + pos) / cs * cs;
+                let lo = cstart.max(base) - base;
+                let hi = (cstart + cs).min(base + size) - base;
+                let piece = &mut buf[..(hi - lo) as usize];
+                src.read_at(piece, lo)?;
+                if piece.iter().any(|&b| b != 0) {
+                    let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
+                    if lo + base == cstart && piece.len() as u64 == cs.min(dst.size() - cstart) {
+                        q.write_compressed(piece, cstart)?;
+                    } else {
+                        dst.write_at(piece, base + lo)?;
+                    }
+                }
+                pb.inc(hi - pos);
+                pos = hi;
+                continue;
+            } else {
+                let piece = &mut buf[..n as usize];
+                src.read_at(piece, pos)?;
+                write_sparse(dst, piece, base + pos, plan)?;
+            }
+        }
+        pb.inc(n);
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `off`, leaving out runs of zeroes of at least the sparse size.
+fn write_sparse(dst: &Image, data: &[u8], off: u64, plan: &Plan) -> Result<()> {
+    if plan.sparse == 0 {
+        return Ok(dst.write_at(data, off)?);
+    }
+    let g = plan.sparse as usize;
+    let mut i = 0;
+    let mut run_start: Option<usize> = None;
+    while i < data.len() {
+        // Blocks follow the output's grid of sparse-size blocks.
+        let end = ((((off as usize) + i) / g + 1) * g - off as usize).min(data.len());
+        let zero = is_zero(&data[i..end]) && end - i == g;
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i),
+            (true, Some(s)) => {
+                dst.write_at(&data[s..i], off + s as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        if zero && !plan.fresh {
+            dst.write_zeroes(off + i as u64, (end - i) as u64, true)?;
+        }
+        i = end;
+    }
+    if let Some(s) = run_start {
+        dst.write_at(&data[s..], off + s as u64)?;
+    }
+    Ok(())
+}
+
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    let words_zero = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    words_zero && chunks.remainder().iter().all(|&x| x == 0)
+}
