@@ -1,1 +1,195 @@
-fn main() {}
+//! rvirt: virsh's verbs and virt-install's `install` for rvirtd.
+
+mod client;
+mod commands;
+mod console;
+mod install;
+mod table;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Manage rvirt virtual machines (domains) through rvirtd, with virsh's commands and output.
+#[derive(Parser, Debug)]
+#[command(name = "rvirt", version, propagate_version = true)]
+pub struct Cli {
+    /// rvirtd's socket (a path, or unix:///path).
+    #[arg(short = 'c', long = "connect", env = "RVIRT_SOCKET", global = true,
+          default_value = client::DEFAULT_SOCKET)]
+    pub connect: String,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct Scope {
+    /// Affect the running domain.
+    #[arg(long)]
+    pub live: bool,
+    /// Affect the persistent definition.
+    #[arg(long)]
+    pub config: bool,
+    /// Affect the running domain if active, else the definition (the default).
+    #[arg(long)]
+    pub current: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// List domains.
+    List {
+        /// Include inactive domains.
+        #[arg(long)]
+        all: bool,
+        /// Only inactive domains.
+        #[arg(long)]
+        inactive: bool,
+        /// Print names only.
+        #[arg(long)]
+        name: bool,
+        /// Print UUIDs only.
+        #[arg(long)]
+        uuid: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Define (but do not start) a domain from an XML file.
+    Define { file: PathBuf },
+    /// Remove a domain's definition (a running domain becomes transient).
+    Undefine { domain: String },
+    /// Create and start a transient domain from an XML file.
+    Create {
+        file: PathBuf,
+        /// Attach to the console after creation.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Start a defined domain.
+    Start {
+        domain: String,
+        /// Attach to the console after starting.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Shut a domain down gracefully (ACPI power button).
+    Shutdown {
+        domain: String,
+        /// Wait up to this many seconds for it to power off; fail if it does not.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Reboot a domain (its VMM is reset from the definition).
+    Reboot { domain: String },
+    /// Stop a domain immediately.
+    Destroy { domain: String },
+    /// Pause a running domain.
+    Suspend { domain: String },
+    /// Resume a paused domain.
+    Resume { domain: String },
+    /// Domain information.
+    Dominfo {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Domain state.
+    Domstate {
+        domain: String,
+        /// Also print why it is in that state.
+        #[arg(long)]
+        reason: bool,
+    },
+    /// Domain XML.
+    Dumpxml {
+        domain: String,
+        /// The persistent definition rather than the running one.
+        #[arg(long)]
+        inactive: bool,
+    },
+    /// Edit a domain's XML in $EDITOR and redefine it.
+    Edit { domain: String },
+    /// Start a domain when rvirtd starts.
+    Autostart {
+        domain: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Attach to a domain's serial console (Ctrl+] detaches).
+    Console {
+        domain: String,
+        /// End another client's session and attach.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List a domain's block devices.
+    Domblklist {
+        domain: String,
+        /// Also show type and device.
+        #[arg(long)]
+        details: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a domain's network interfaces.
+    Domiflist {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set vCPU affinity.
+    Vcpupin {
+        domain: String,
+        /// vCPU number.
+        vcpu: Option<u32>,
+        /// Host CPUs, e.g. 0-3,^2.
+        cpulist: Option<String>,
+        #[command(flatten)]
+        scope: Scope,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show vCPU threads: host CPU, state, CPU time, affinity.
+    Vcpuinfo {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set the affinity of the VMM's non-vCPU threads.
+    Emulatorpin {
+        domain: String,
+        cpulist: Option<String>,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Create a domain from virt-install-style options, start it and attach its console.
+    Install(Box<install::InstallArgs>),
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (rvirt.1 and one per command) into a directory.
+    Man { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli
+        .connect
+        .strip_prefix("unix://")
+        .unwrap_or(&cli.connect)
+        .to_string();
+    let client = client::Client::new(std::path::Path::new(&socket));
+    match commands::run(&client, cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(lines) => {
+            for l in lines {
+                eprintln!("error: {l}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -156,7 +156,7 @@ fn console(vm: Arc<Vm>, conn: UnixStream) {
     let name = vm.name.clone().unwrap_or_default();
     let _ = write!(out, "rvirt-fake-vmm: guest {name} booted\r\n");
     for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
+        let Ok(line) = line else { break };
         match line.trim() {
             "poweroff" => vm.exit(ExitReason::Poweroff),
             "reboot" => vm.exit(ExitReason::Reboot),
@@ -169,6 +169,8 @@ fn console(vm: Arc<Vm>, conn: UnixStream) {
             }
         }
     }
+    // The client stopped sending: end the session.
+    let _ = out.shutdown(std::net::Shutdown::Both);
 }
 
 fn control(vm: Arc<Vm>, conn: UnixStream) {

@@ -1,0 +1,563 @@
+//! One function per verb: call rvirtd, print what virsh prints.
+
+use crate::client::{seg, Client, ClientError};
+use crate::table::Table;
+use crate::{install, Cmd, Scope};
+use clap::CommandFactory;
+use rvirt_api::rest::*;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::path::Path;
+
+/// Error lines, printed each with an `error: ` prefix (virsh prints two for a failed action).
+type Out = Result<(), Vec<String>>;
+
+fn fail(context: Option<String>, key: &str, e: ClientError) -> Vec<String> {
+    match (&e, e.code()) {
+        (_, Some(ErrorCode::NoDomain)) => {
+            vec![format!("failed to get domain '{key}'"), e.to_string()]
+        }
+        (ClientError::Api(b), _) if b.error == "Domain is already active" => vec![b.error.clone()],
+        _ => context.into_iter().chain([e.to_string()]).collect(),
+    }
+}
+
+fn dom_path(d: &str, rest: &str) -> String {
+    format!("/v1/domains/{}{rest}", seg(d))
+}
+
+/// A lifecycle action: POST, then virsh's confirmation line.
+fn action(c: &Client, d: &str, verb: &str, body: serde_json::Value, done: &str) -> Out {
+    c.post::<serde_json::Value>(&dom_path(d, &format!("/{verb}")), &body)
+        .map_err(|e| fail(Some(format!("Failed to {verb} domain '{d}'")), d, e))?;
+    println!("Domain '{d}' {done}\n");
+    Ok(())
+}
+
+fn get<T: DeserializeOwned>(c: &Client, d: &str, rest: &str) -> Result<T, Vec<String>> {
+    c.get(&dom_path(d, rest)).map_err(|e| fail(None, d, e))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn read_file(p: &Path) -> Result<String, Vec<String>> {
+    std::fs::read_to_string(p)
+        .map_err(|e| vec![format!("Failed to open file '{}': {e}", p.display())])
+}
+
+fn print_warnings(w: &[String]) {
+    for line in w {
+        eprintln!("warning: {line}");
+    }
+}
+
+pub fn run(c: &Client, cmd: Cmd) -> Out {
+    match cmd {
+        Cmd::List {
+            all,
+            inactive,
+            name,
+            uuid,
+            json,
+        } => list(c, all, inactive, name, uuid, json),
+        Cmd::Define { file } => {
+            let xml = read_file(&file)?;
+            let r: DefineResponse = c
+                .post(
+                    "/v1/domains",
+                    &DefineRequest {
+                        xml,
+                        transient: false,
+                    },
+                )
+                .map_err(|e| {
+                    fail(
+                        Some(format!("Failed to define domain from {}", file.display())),
+                        "",
+                        e,
+                    )
+                })?;
+            print_warnings(&r.warnings);
+            println!("Domain '{}' defined from {}\n", r.name, file.display());
+            Ok(())
+        }
+        Cmd::Create { file, console } => {
+            let xml = read_file(&file)?;
+            let r: DefineResponse = c
+                .post(
+                    "/v1/domains",
+                    &DefineRequest {
+                        xml,
+                        transient: true,
+                    },
+                )
+                .map_err(|e| {
+                    fail(
+                        Some(format!("Failed to create domain from {}", file.display())),
+                        "",
+                        e,
+                    )
+                })?;
+            print_warnings(&r.warnings);
+            println!("Domain '{}' created from {}\n", r.name, file.display());
+            if console {
+                return attach(c, &r.name, false);
+            }
+            Ok(())
+        }
+        Cmd::Undefine { domain } => {
+            c.call::<serde_json::Value>("DELETE", &dom_path(&domain, ""), None::<&()>)
+                .map_err(|e| {
+                    fail(
+                        Some(format!("Failed to undefine domain '{domain}'")),
+                        &domain,
+                        e,
+                    )
+                })?;
+            println!("Domain '{domain}' has been undefined\n");
+            Ok(())
+        }
+        Cmd::Start { domain, console } => {
+            action(c, &domain, "start", json!({}), "started")?;
+            if console {
+                return attach(c, &domain, false);
+            }
+            Ok(())
+        }
+        Cmd::Shutdown { domain, timeout } => {
+            let body = serde_json::to_value(ShutdownRequest {
+                timeout_secs: timeout,
+            })
+            .unwrap();
+            let done = if timeout.is_some() {
+                "has been shut down"
+            } else {
+                "is being shutdown"
+            };
+            action(c, &domain, "shutdown", body, done)
+        }
+        Cmd::Reboot { domain } => action(c, &domain, "reboot", json!({}), "is being rebooted"),
+        Cmd::Destroy { domain } => action(c, &domain, "destroy", json!({}), "destroyed"),
+        Cmd::Suspend { domain } => action(c, &domain, "suspend", json!({}), "suspended"),
+        Cmd::Resume { domain } => action(c, &domain, "resume", json!({}), "resumed"),
+        Cmd::Dominfo { domain, json } => dominfo(c, &domain, json),
+        Cmd::Domstate { domain, reason } => {
+            let i: DomainInfo = get(c, &domain, "")?;
+            if reason {
+                println!(
+                    "{} ({})\n",
+                    i.summary.state.as_str(),
+                    i.summary.reason.as_str()
+                );
+            } else {
+                println!("{}\n", i.summary.state.as_str());
+            }
+            Ok(())
+        }
+        Cmd::Dumpxml { domain, inactive } => {
+            let x: XmlBody = get(
+                c,
+                &domain,
+                if inactive {
+                    "/xml?inactive=true"
+                } else {
+                    "/xml"
+                },
+            )?;
+            print!("{}", x.xml);
+            Ok(())
+        }
+        Cmd::Edit { domain } => edit(c, &domain),
+        Cmd::Autostart { domain, disable } => {
+            c.call::<serde_json::Value>(
+                "PUT",
+                &dom_path(&domain, "/autostart"),
+                Some(&AutostartRequest { enable: !disable }),
+            )
+            .map_err(|e| {
+                fail(
+                    Some(format!(
+                        "Failed to {}mark domain '{domain}' as autostarted",
+                        if disable { "un" } else { "" }
+                    )),
+                    &domain,
+                    e,
+                )
+            })?;
+            if disable {
+                println!("Domain '{domain}' unmarked as autostarted\n");
+            } else {
+                println!("Domain '{domain}' marked as autostarted\n");
+            }
+            Ok(())
+        }
+        Cmd::Console { domain, force } => attach(c, &domain, force),
+        Cmd::Domblklist {
+            domain,
+            details,
+            json,
+        } => {
+            let disks: Vec<BlockDevice> = get(c, &domain, "/disks")?;
+            if json {
+                print_json(&disks);
+                return Ok(());
+            }
+            let mut t = if details {
+                Table::new(&["Type", "Device", "Target", "Source"])
+            } else {
+                Table::new(&["Target", "Source"])
+            };
+            for d in disks {
+                if details {
+                    t.row(vec![d.kind, d.device, d.target, d.source]);
+                } else {
+                    t.row(vec![d.target, d.source]);
+                }
+            }
+            println!("{}", t.render());
+            Ok(())
+        }
+        Cmd::Domiflist { domain, json } => {
+            let ifs: Vec<NetInterface> = get(c, &domain, "/interfaces")?;
+            if json {
+                print_json(&ifs);
+                return Ok(());
+            }
+            let mut t = Table::new(&["Interface", "Type", "Source", "Model", "MAC"]);
+            for i in ifs {
+                t.row(vec![i.interface, i.kind, i.source, i.model, i.mac]);
+            }
+            println!("{}", t.render());
+            Ok(())
+        }
+        Cmd::Vcpupin {
+            domain,
+            vcpu,
+            cpulist,
+            scope,
+            json,
+        } => vcpupin(c, &domain, vcpu, cpulist, scope, json),
+        Cmd::Vcpuinfo { domain, json } => {
+            let v: Vec<VcpuInfo> = get(c, &domain, "/vcpus")?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
+            for i in v {
+                println!("{:<15} {}", "VCPU:", i.vcpu);
+                println!(
+                    "{:<15} {}",
+                    "CPU:",
+                    i.cpu.map_or("-".to_string(), |c| c.to_string())
+                );
+                println!("{:<15} {}", "State:", i.state);
+                println!("{:<15} {:.1}s", "CPU time:", i.cpu_time_ns as f64 / 1e9);
+                println!("{:<15} {}\n", "CPU Affinity:", i.affinity_map);
+            }
+            Ok(())
+        }
+        Cmd::Emulatorpin {
+            domain,
+            cpulist,
+            scope,
+        } => emulatorpin(c, &domain, cpulist, scope),
+        Cmd::Install(args) => crate::commands::install(c, &args),
+        Cmd::Completion { shell } => {
+            let mut cmd = crate::Cli::command();
+            clap_complete::generate(shell, &mut cmd, "rvirt", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            man(&dir).map_err(|e| vec![format!("cannot write man pages to {}: {e}", dir.display())])
+        }
+    }
+}
+
+fn list(c: &Client, all: bool, inactive: bool, name: bool, uuid: bool, json: bool) -> Out {
+    let mut doms: Vec<DomainSummary> = c.get("/v1/domains").map_err(|e| fail(None, "", e))?;
+    doms.retain(|d| {
+        let active = d.state.is_active();
+        (all || active != inactive) || (inactive && !active)
+    });
+    // virsh: running domains by id first, then inactive ones by name.
+    doms.sort_by(|a, b| match (a.id, b.id) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.name.cmp(&b.name),
+    });
+    if json {
+        print_json(&doms);
+        return Ok(());
+    }
+    if name || uuid {
+        let mut out = String::new();
+        for d in &doms {
+            match (uuid, name) {
+                (true, true) => out.push_str(&format!("{} {}\n", d.uuid, d.name)),
+                (true, false) => out.push_str(&format!("{}\n", d.uuid)),
+                _ => out.push_str(&format!("{}\n", d.name)),
+            }
+        }
+        println!("{out}");
+        return Ok(());
+    }
+    let mut t = Table::new(&["Id", "Name", "State"]);
+    for d in &doms {
+        t.row(vec![
+            d.id.map_or("-".to_string(), |i| i.to_string()),
+            d.name.clone(),
+            d.state.as_str().to_string(),
+        ]);
+    }
+    println!("{}", t.render());
+    Ok(())
+}
+
+fn dominfo(c: &Client, d: &str, json: bool) -> Out {
+    let i: DomainInfo = get(c, d, "")?;
+    if json {
+        print_json(&i);
+        return Ok(());
+    }
+    let s = &i.summary;
+    let row = |k: &str, v: String| println!("{k:<15} {v}");
+    row("Id:", s.id.map_or("-".to_string(), |i| i.to_string()));
+    row("Name:", s.name.clone());
+    row("UUID:", s.uuid.clone());
+    row("OS Type:", i.os_type.clone());
+    row("State:", s.state.as_str().to_string());
+    row("CPU(s):", i.vcpus.to_string());
+    if let Some(ns) = i.cpu_time_ns {
+        row("CPU time:", format!("{:.1}s", ns as f64 / 1e9));
+    }
+    row("Max memory:", format!("{} KiB", i.max_memory_kib));
+    row("Used memory:", format!("{} KiB", i.used_memory_kib));
+    row(
+        "Persistent:",
+        if s.persistent { "yes" } else { "no" }.to_string(),
+    );
+    row(
+        "Autostart:",
+        if s.autostart { "enable" } else { "disable" }.to_string(),
+    );
+    row("Managed save:", "no".to_string());
+    row("Security model:", "none".to_string());
+    row("Security DOI:", "0".to_string());
+    println!();
+    Ok(())
+}
+
+fn scope_of(s: Scope) -> PinScope {
+    PinScope {
+        live: s.live && !s.current,
+        config: s.config && !s.current,
+    }
+}
+
+fn vcpupin(
+    c: &Client,
+    d: &str,
+    vcpu: Option<u32>,
+    cpulist: Option<String>,
+    scope: Scope,
+    json: bool,
+) -> Out {
+    if let (Some(vcpu), Some(cpuset)) = (vcpu, cpulist) {
+        let req = VcpuPinRequest {
+            vcpu,
+            cpuset,
+            scope: scope_of(scope),
+        };
+        return c
+            .post::<serde_json::Value>(&dom_path(d, "/vcpupin"), &req)
+            .map(|_| println!())
+            .map_err(|e| fail(Some("vcpupin: failed to update vcpu pinning".into()), d, e));
+    }
+    let info: PinInfo = get(c, d, "/vcpupin")?;
+    if json {
+        print_json(&info);
+        return Ok(());
+    }
+    let mut t = Table::new(&["VCPU", "CPU Affinity"]);
+    for p in info
+        .vcpus
+        .iter()
+        .filter(|p| vcpu.is_none_or(|v| v == p.vcpu))
+    {
+        t.row(vec![p.vcpu.to_string(), p.affinity.clone()]);
+    }
+    println!("{}", t.render());
+    Ok(())
+}
+
+fn emulatorpin(c: &Client, d: &str, cpulist: Option<String>, scope: Scope) -> Out {
+    if let Some(cpuset) = cpulist {
+        let req = EmulatorPinRequest {
+            cpuset,
+            scope: scope_of(scope),
+        };
+        return c
+            .post::<serde_json::Value>(&dom_path(d, "/emulatorpin"), &req)
+            .map(|_| println!())
+            .map_err(|e| fail(Some("Unable to change emulatorpin".into()), d, e));
+    }
+    let info: PinInfo = get(c, d, "/vcpupin")?;
+    println!("emulator: CPU Affinity");
+    println!("----------------------------------");
+    println!("       *: {}\n", info.emulator);
+    Ok(())
+}
+
+fn attach(c: &Client, d: &str, force: bool) -> Out {
+    crate::console::attach(c, d, force).map_err(|e| fail(None, d, e))
+}
+
+/// virsh edit: $EDITOR on a temp copy; on a failed define, offer to edit again.
+fn edit(c: &Client, d: &str) -> Out {
+    use std::io::{BufRead, Write};
+    let x: XmlBody = get(c, d, "/xml?inactive=true")?;
+    let dir = tempfile::tempdir().map_err(|e| vec![format!("cannot create a temp dir: {e}")])?;
+    let path = dir.path().join(format!("{d}.xml"));
+    std::fs::write(&path, &x.xml)
+        .map_err(|e| vec![format!("cannot write {}: {e}", path.display())])?;
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".into());
+    loop {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{editor} \"$1\""))
+            .arg("sh")
+            .arg(&path)
+            .status()
+            .map_err(|e| vec![format!("cannot run editor '{editor}': {e}")])?;
+        if !status.success() {
+            return Err(vec![format!(
+                "editor '{editor}' failed ({status}); nothing changed"
+            )]);
+        }
+        let new = read_file(&path)?;
+        if new == x.xml {
+            println!("Domain '{d}' XML configuration not changed.\n");
+            return Ok(());
+        }
+        match c.post::<DefineResponse>(
+            "/v1/domains",
+            &DefineRequest {
+                xml: new,
+                transient: false,
+            },
+        ) {
+            Ok(r) => {
+                print_warnings(&r.warnings);
+                println!("Domain '{}' XML configuration edited.\n", r.name);
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                print!("Failed. Try again? [y,n]: ");
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer).ok();
+                if !answer.trim().eq_ignore_ascii_case("y") {
+                    return Err(vec![format!("Domain '{d}' XML configuration not changed.")]);
+                }
+            }
+        }
+    }
+}
+
+fn install(c: &Client, args: &install::InstallArgs) -> Out {
+    let err = |e: anyhow::Error| vec![format!("{e:#}")];
+    let disks = install::plan_disks(args).map_err(err)?;
+    let xml = install::build_xml(args, &disks).map_err(err)?;
+    if args.print_xml {
+        print!("{xml}");
+        return Ok(());
+    }
+    if let Some(boot) = &args.boot {
+        for (k, v) in install::parse_opts(boot).map_err(err)? {
+            if k == "kernel" || k == "initrd" {
+                install::check_file(Path::new(&v), &k).map_err(err)?;
+            }
+        }
+    }
+    println!("\nStarting install...");
+    for d in &disks {
+        if d.create_size.is_some() {
+            println!(
+                "Creating storage file {} ({} format)",
+                d.path.display(),
+                d.format
+            );
+            if let Err(e) = install::create_disk(d) {
+                install::remove_created(&disks);
+                return Err(err(e));
+            }
+        }
+    }
+    println!("Creating domain...");
+    let defined: Result<DefineResponse, _> = c.post(
+        "/v1/domains",
+        &DefineRequest {
+            xml,
+            transient: false,
+        },
+    );
+    let r = match defined {
+        Ok(r) => r,
+        Err(e) => {
+            install::remove_created(&disks);
+            return Err(fail(
+                Some(format!("Failed to define domain '{}'", args.name)),
+                &args.name,
+                e,
+            ));
+        }
+    };
+    print_warnings(&r.warnings);
+    if args.autostart {
+        c.call::<serde_json::Value>(
+            "PUT",
+            &dom_path(&r.name, "/autostart"),
+            Some(&AutostartRequest { enable: true }),
+        )
+        .map_err(|e| fail(None, &r.name, e))?;
+    }
+    c.post::<serde_json::Value>(&dom_path(&r.name, "/start"), &json!({}))
+        .map_err(|e| {
+            fail(
+                Some(format!(
+                    "Failed to start domain '{}' (it stays defined; fix and run 'rvirt start {}')",
+                    r.name, r.name
+                )),
+                &r.name,
+                e,
+            )
+        })?;
+    println!("Domain creation completed.");
+    if args.noautoconsole {
+        println!("You can reconnect to the console to complete the installation process with 'rvirt console {}'.", r.name);
+        return Ok(());
+    }
+    attach(c, &r.name, false)
+}
+
+fn man(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = crate::Cli::command();
+    let mut buf = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+    std::fs::write(dir.join("rvirt.1"), buf)?;
+    for sub in cmd.get_subcommands() {
+        let name = format!("rvirt-{}", sub.get_name());
+        let sub = sub.clone().name(&*Box::leak(name.clone().into_boxed_str()));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut buf)?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)?;
+    }
+    Ok(())
+}
