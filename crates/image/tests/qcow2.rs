@@ -572,3 +572,135 @@ fn hostile_headers_give_errors_not_panics() {
         assert!(Qcow2::open(&path, &ro()).is_err(), "truncated to {len}");
     }
 }
+
+#[test]
+fn qemu_backing_chain_of_depth_three_reads_identically() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_str().unwrap().to_owned();
+    qemu(&["create", "-q", "-f", "raw", &s("l0.raw"), "8M"]);
+    qemu_io(&p("l0.raw"), "raw", &["write -P 0x10 0 8m".into()]);
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "l0.raw",
+        "-F",
+        "raw",
+        &s("l1.qcow2"),
+    ]);
+    qemu_io(
+        &p("l1.qcow2"),
+        "qcow2",
+        &["write -P 0x11 1m 1m".into(), "write -z 3m 64k".into()],
+    );
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "l1.qcow2",
+        "-F",
+        "qcow2",
+        &s("l2.qcow2"),
+    ]);
+    qemu_io(
+        &p("l2.qcow2"),
+        "qcow2",
+        &["write -P 0x12 1536k 100k".into()],
+    );
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        "l2.qcow2",
+        "-F",
+        "qcow2",
+        &s("l3.qcow2"),
+    ]);
+    qemu_io(
+        &p("l3.qcow2"),
+        "qcow2",
+        &["write -P 0x13 1600k 5k".into(), "write -z 0 4k".into()],
+    );
+    qemu(&["convert", "-O", "raw", &s("l3.qcow2"), &s("want.raw")]);
+    let want = std::fs::read(p("want.raw")).unwrap();
+    let img = open_image(&p("l3.qcow2"), None, &rw()).unwrap();
+    assert!(read_all(&img) == want);
+    // Map depths follow the chain: the 2 KiB subclusters written at 1600k are the top's own,
+    // 1536k.. comes from l2, 1m.. from l1 and the rest from l0.
+    assert_eq!(img.map_extent(1 << 20, 4096).unwrap().depth, 2);
+    assert_eq!(img.map_extent(1536 << 10, 4096).unwrap().depth, 1);
+    assert_eq!(img.map_extent(1600 << 10, 1024).unwrap().depth, 0);
+    assert_eq!(img.map_extent(5 << 20, 4096).unwrap().depth, 3);
+    // The zeroed first 4 KiB are two zero subclusters; the rest of that cluster is l0's.
+    let e = img.map_extent(0, 65536).unwrap();
+    assert_eq!((e.length, e.zero, e.depth), (4096, true, 0));
+    let mut model = want.clone();
+    random_writes(&img, &mut model, 30, 9);
+    drop(img);
+    qemu_check(&p("l3.qcow2"));
+    qemu_compare(&p("l3.qcow2"), &model);
+    // The lower layers were not touched.
+    qemu_check(&p("l1.qcow2"));
+}
+
+#[test]
+fn qemu_internal_snapshots_apply_and_delete() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.qcow2");
+    let s = path.to_str().unwrap();
+    qemu(&["create", "-q", "-f", "qcow2", s, "4M"]);
+    qemu_io(&path, "qcow2", &["write -P 1 0 1m".into()]);
+    qemu(&["snapshot", "-c", "first", s]);
+    qemu_io(
+        &path,
+        "qcow2",
+        &["write -P 2 512k 1m".into(), "write -c -P 3 3m 64k".into()],
+    );
+    qemu(&["snapshot", "-c", "second", s]);
+    qemu_io(&path, "qcow2", &["write -P 4 0 4k".into()]);
+    let raw = |snap: &str| {
+        let out = dir.path().join(format!("{snap}.raw"));
+        qemu(&[
+            "convert",
+            "-l",
+            &format!("snapshot.name={snap}"),
+            "-O",
+            "raw",
+            s,
+            out.to_str().unwrap(),
+        ]);
+        std::fs::read(out).unwrap()
+    };
+    let (first, second) = (raw("first"), raw("second"));
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    let names: Vec<String> = img.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["first", "second"]);
+    img.snapshot_apply("second").unwrap();
+    assert!(read_all(&img) == second);
+    img.snapshot_apply("first").unwrap();
+    assert!(read_all(&img) == first);
+    img.snapshot_delete("first").unwrap();
+    drop(img);
+    qemu_check(&path);
+    qemu_compare(&path, &first);
+    assert!(raw("second") == second, "the other snapshot is intact");
+}

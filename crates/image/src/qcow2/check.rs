@@ -201,7 +201,7 @@ impl State {
                     continue;
                 }
                 match c {
-                    Cluster::Normal { host, .. } => {
+                    Cluster::Normal { host, .. } if host != 0 => {
                         refs.report.allocated_clusters += 1;
                         if last_host.is_some_and(|h| h + cs != host) {
                             refs.report.fragmented_clusters += 1;
@@ -271,8 +271,7 @@ impl State {
                 let entry = t[(k * stride) as usize];
                 let bm = (stride == 2).then(|| t[(k * stride + 1) as usize]);
                 let host = match l2::decode(entry, bm, self.hdr.cluster_bits) {
-                    Cluster::Normal { host, .. } => host,
-                    Cluster::Zero { host, .. } if host != 0 => host,
+                    Cluster::Normal { host, .. } | Cluster::Zero { host, .. } if host != 0 => host,
                     _ => continue,
                 };
                 if host % cs != 0 || host / cs >= nclusters {

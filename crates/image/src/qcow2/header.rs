@@ -392,8 +392,18 @@ impl Header {
         out.join(", ")
     }
 
-    /// Serialises the header, extensions and backing file name into the first cluster.
+    /// Serialises the header, extensions and backing file name into the first cluster. The
+    /// feature name table is only informative: it is left out when the cluster is too small.
     pub fn serialize(&self, path: &Path) -> Result<Vec<u8>> {
+        match self.serialize_with(path, true) {
+            Err(_) if self.extensions.iter().any(|(k, _)| *k == EXT_FEATURE_TABLE) => {
+                self.serialize_with(path, false)
+            }
+            r => r,
+        }
+    }
+
+    fn serialize_with(&self, path: &Path, feature_table: bool) -> Result<Vec<u8>> {
         let mut b = vec![0u8; 72];
         b[..4].copy_from_slice(&MAGIC);
         b[4..8].copy_from_slice(&self.version.to_be_bytes());
@@ -429,7 +439,9 @@ impl Header {
             push_ext(&mut b, EXT_BACKING_FORMAT, fmt.as_bytes());
         }
         for (kind, data) in &self.extensions {
-            push_ext(&mut b, *kind, data);
+            if feature_table || *kind != EXT_FEATURE_TABLE {
+                push_ext(&mut b, *kind, data);
+            }
         }
         push_ext(&mut b, EXT_END, &[]);
         if let Some(name) = &self.backing_file {

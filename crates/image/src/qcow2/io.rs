@@ -67,10 +67,16 @@ impl State {
         let entry = t[(idx * stride) as usize];
         let bitmap = (stride == 2).then(|| t[(idx * stride + 1) as usize]);
         let c = l2::decode(entry, bitmap, self.hdr.cluster_bits);
-        if let Cluster::Normal { host, .. } | Cluster::Zero { host, .. } = c {
-            if host != 0 {
+        match c {
+            Cluster::Normal { host: 0, alloc, .. } if alloc != 0 => {
+                return Err(self.f.corrupt(format!(
+                    "guest cluster {vc} has allocated subclusters but no host cluster"
+                )));
+            }
+            Cluster::Normal { host, .. } | Cluster::Zero { host, .. } if host != 0 => {
                 self.check_host(host, "data cluster")?;
             }
+            _ => {}
         }
         Ok((c, Some(Slot { l2, idx })))
     }
@@ -704,7 +710,7 @@ impl State {
             }
             if matches!(
                 self.lookup(vc)?.0,
-                Cluster::Normal { .. } | Cluster::Compressed { .. }
+                Cluster::Normal { host: 1.., .. } | Cluster::Compressed { .. }
             ) {
                 count += 1;
             }

@@ -38,7 +38,7 @@ impl Cluster {
     pub fn host_range(&self) -> Option<(u64, u64)> {
         match *self {
             Cluster::Zero { host, .. } if host != 0 => Some((host, 1)),
-            Cluster::Normal { host, .. } => Some((host, 1)),
+            Cluster::Normal { host, .. } if host != 0 => Some((host, 1)),
             Cluster::Compressed { host, len } => Some((host, len)),
             _ => None,
         }
@@ -66,23 +66,21 @@ pub fn decode(entry: u64, bitmap: Option<u64>, cluster_bits: u32) -> Cluster {
             let alloc = bm as u32;
             let zero = (bm >> 32) as u32;
             if alloc == 0 && host == 0 {
-                return if zero != 0 {
-                    Cluster::Zero { host: 0, copied }
-                } else {
-                    Cluster::Unallocated
+                // No host cluster: whole-cluster states, or a mix of zeroed and
+                // backing-file subclusters (a Normal mapping with host 0).
+                return match zero {
+                    0 => Cluster::Unallocated,
+                    u32::MAX => Cluster::Zero { host: 0, copied },
+                    _ => Cluster::Normal {
+                        host: 0,
+                        copied,
+                        alloc: 0,
+                        zero,
+                    },
                 };
             }
             if alloc == 0 && zero == u32::MAX {
                 return Cluster::Zero { host, copied };
-            }
-            if alloc == 0 && zero == 0 && host != 0 {
-                // Allocated host cluster with no subcluster written yet: reads fall through.
-                return Cluster::Normal {
-                    host,
-                    copied,
-                    alloc,
-                    zero,
-                };
             }
             Cluster::Normal {
                 host,

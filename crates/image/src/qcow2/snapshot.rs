@@ -231,8 +231,7 @@ impl State {
                 let bm = (stride == 2).then(|| t[at + 1]);
                 let c = l2::decode(t[at], bm, self.hdr.cluster_bits);
                 let host = match c {
-                    Cluster::Normal { host, .. } => host,
-                    Cluster::Zero { host, .. } if host != 0 => host,
+                    Cluster::Normal { host, .. } | Cluster::Zero { host, .. } if host != 0 => host,
                     _ => continue,
                 };
                 let single = self.rc.get(host / cs)? == 1;
