@@ -224,7 +224,7 @@ async fn console(
         }
         *cur = Some(cancel_tx);
     }
-    let mut stream = tokio::net::UnixStream::connect(&serial)
+    let stream = tokio::net::UnixStream::connect(&serial)
         .await
         .map_err(|e| {
             ApiError::failed(format!(
@@ -237,11 +237,7 @@ async fn console(
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let mut io = hyper_util::rt::TokioIo::new(upgraded);
-        tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut io, &mut stream) => {}
-            _ = cancel_rx => {}
-        }
+        relay(hyper_util::rt::TokioIo::new(upgraded), stream, cancel_rx).await;
     });
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -249,6 +245,37 @@ async fn console(
         .header(header::UPGRADE, CONSOLE_UPGRADE)
         .body(axum::body::Body::empty())
         .expect("static response"))
+}
+
+/// Copies both ways between the client and the serial socket. The directions are independent so
+/// that input the client sent just before closing still reaches the guest; when one side ends,
+/// the other gets a short grace period to drain.
+async fn relay(
+    client: impl tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    serial: tokio::net::UnixStream,
+    cancel: tokio::sync::oneshot::Receiver<()>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = serial.into_split();
+    let up = async move {
+        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        let _ = sw.shutdown().await;
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        _ = &mut up => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut down).await;
+        }
+        _ = &mut down => {
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut up).await;
+        }
+        _ = cancel => {}
+    }
 }
 
 async fn openapi() -> Json<serde_json::Value> {

@@ -6,6 +6,7 @@
 //! `--cmdline`, and by lines typed on the console:
 //!
 //! - cmdline `fake.ignore_acpi`: the power button does nothing (for shutdown timeouts)
+//! - cmdline `fake.fail_start`: exit with an error before serving (a VMM that cannot start)
 //! - console `poweroff` / `reboot` / `panic`: exit as rvirt-vmm does on guest poweroff (0),
 //!   reboot (3) or crash (4); `progress`: print how many 10 ms ticks the vCPUs ran (stops while
 //!   paused); anything else is echoed.
@@ -104,6 +105,9 @@ fn main() {
         i += 2;
     }
     let api = api.unwrap_or_else(|| fail("--api-socket is required"));
+    if cmdline.split_whitespace().any(|w| w == "fake.fail_start") {
+        fail("simulated start-up failure (fake.fail_start)");
+    }
     let mut sockets = vec![api.clone()];
     sockets.extend(serial.clone());
     let vm = Arc::new(Vm {

@@ -1,0 +1,501 @@
+//! rvirtd end to end, with real daemon processes supervising `rvirt-fake-vmm` (a test double
+//! of rvirt-vmm: the real control protocol, no guest). Real-guest tests live with the VMM's
+//! end-to-end suite.
+
+mod common;
+
+use common::{processes_mentioning, Daemon};
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+#[test]
+fn define_start_console_shutdown() {
+    let d = Daemon::start();
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "API socket must be 0600");
+    let r = d.define("vm1", "");
+    assert_eq!(r["name"], "vm1");
+    assert_eq!(r["uuid"].as_str().unwrap().len(), 36, "a UUID is generated");
+    assert_eq!(d.state("vm1"), ("shut off".into(), "unknown".into()));
+    d.ok("POST", "/v1/domains/vm1/start", None);
+    assert_eq!(d.state("vm1"), ("running".into(), "booted".into()));
+    let mut con = d.console("vm1", false).unwrap();
+    con.send("hello");
+    con.expect("hello");
+    d.ok(
+        "POST",
+        "/v1/domains/vm1/shutdown",
+        Some(json!({"timeout_secs": 10})),
+    );
+    assert_eq!(d.state("vm1"), ("shut off".into(), "shutdown".into()));
+    assert!(
+        !d.run_dir().join("vm1").exists(),
+        "run files removed at shut off"
+    );
+    let log = d.domain_log("vm1");
+    assert!(
+        log.contains("started rvirt-vmm pid") && log.contains("exited (poweroff)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn console_shows_boot_marker_and_second_attach_needs_force() {
+    let d = Daemon::start();
+    d.define("c1", "");
+    d.ok("POST", "/v1/domains/c1/start", None);
+    let mut first = d.console("c1", false).unwrap();
+    first.expect("guest c1 booted");
+    let (status, err) = d.console("c1", false).err().expect("second attach refused");
+    assert_eq!(status, 500);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("Active console session exists"),
+        "{err}"
+    );
+    let mut second = d.console("c1", true).unwrap();
+    second.expect("guest c1 booted");
+    second.send("still here");
+    second.expect("still here");
+    d.ok("POST", "/v1/domains/c1/destroy", None);
+}
+
+#[test]
+fn destroy_suspend_resume() {
+    let d = Daemon::start();
+    d.define("p1", "");
+    d.ok("POST", "/v1/domains/p1/start", None);
+    let pid = d.pid("p1").unwrap();
+    let mut con = d.console("p1", false).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    d.ok("POST", "/v1/domains/p1/suspend", None);
+    assert_eq!(d.state("p1"), ("paused".into(), "user".into()));
+    let a = con.progress();
+    std::thread::sleep(Duration::from_millis(300));
+    let b = con.progress();
+    assert_eq!(a, b, "a paused guest makes no progress");
+    d.ok("POST", "/v1/domains/p1/resume", None);
+    assert_eq!(d.state("p1"), ("running".into(), "unpaused".into()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(con.progress() > b, "a resumed guest makes progress");
+    d.ok("POST", "/v1/domains/p1/destroy", None);
+    assert_eq!(d.state("p1"), ("shut off".into(), "destroyed".into()));
+    assert!(processes_mentioning(&d.run_dir().join("p1").display().to_string()).is_empty());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || processes_mentioning("p1/api.sock").is_empty()
+    );
+}
+
+#[test]
+fn guest_poweroff_reboot_and_crash_follow_on_actions() {
+    let d = Daemon::start();
+    // Defaults: on_poweroff destroy, on_reboot restart, on_crash destroy.
+    d.define("g1", "");
+    d.ok("POST", "/v1/domains/g1/start", None);
+    let pid1 = d.pid("g1").unwrap();
+    d.console("g1", false).unwrap().send("reboot");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.pid("g1").is_none_or(|p| p == pid1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted after guest reboot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_state("g1", "running", "booted");
+    d.console("g1", false).unwrap().send("panic");
+    d.wait_state("g1", "shut off", "crashed");
+    d.ok("POST", "/v1/domains/g1/start", None);
+    d.console("g1", false).unwrap().send("poweroff");
+    d.wait_state("g1", "shut off", "shutdown");
+    // on_crash restart and on_reboot destroy are honoured too.
+    d.define(
+        "g2",
+        "<on_reboot>destroy</on_reboot><on_crash>restart</on_crash>",
+    );
+    d.ok("POST", "/v1/domains/g2/start", None);
+    let pid2 = d.pid("g2").unwrap();
+    d.console("g2", false).unwrap().send("panic");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.pid("g2").is_none_or(|p| p == pid2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted after crash"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.console("g2", false).unwrap().send("reboot");
+    d.wait_state("g2", "shut off", "shutdown");
+}
+
+#[test]
+fn killed_vmm_is_crashed_and_logged() {
+    let d = Daemon::start();
+    d.define("k1", "");
+    d.ok("POST", "/v1/domains/k1/start", None);
+    let pid = d.pid("k1").unwrap();
+    // SAFETY: kill(2) on the VMM this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    d.wait_state("k1", "shut off", "crashed");
+    assert!(
+        d.domain_log("k1").contains("died without an exit notice"),
+        "{}",
+        d.domain_log("k1")
+    );
+    assert!(
+        d.daemon_log().contains("WARN"),
+        "crash logged by the daemon"
+    );
+}
+
+#[test]
+fn daemon_kill9_reattaches_three_running_vms() {
+    let mut d = Daemon::start();
+    let mut pids = Vec::new();
+    for n in ["r1", "r2", "r3"] {
+        d.define(n, "");
+        d.ok("POST", &format!("/v1/domains/{n}/start"), None);
+        pids.push(d.pid(n).unwrap());
+    }
+    d.ok("POST", "/v1/domains/r2/suspend", None);
+    d.kill9();
+    for p in &pids {
+        assert!(
+            std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "VMM {p} died with the daemon"
+        );
+    }
+    d.spawn();
+    for (n, p) in ["r1", "r2", "r3"].iter().zip(&pids) {
+        assert_eq!(d.pid(n), Some(*p), "{n} re-attached to the same VMM");
+    }
+    assert_eq!(d.state("r1"), ("running".into(), "booted".into()));
+    assert_eq!(
+        d.state("r2").0,
+        "paused",
+        "pause state is read back from the VMM"
+    );
+    // New ids do not collide with re-attached ones.
+    d.define("r4", "");
+    d.ok("POST", "/v1/domains/r4/start", None);
+    let id = d.ok("GET", "/v1/domains/r4", None)["id"].as_u64().unwrap();
+    assert!(id > 3, "id {id} reused");
+    d.ok("POST", "/v1/domains/r4/destroy", None);
+    // Still controllable: resume, console, destroy, and a guest-initiated exit is still seen.
+    d.ok("POST", "/v1/domains/r2/resume", None);
+    d.console("r1", false).unwrap().expect("booted");
+    d.ok("POST", "/v1/domains/r1/destroy", None);
+    assert_eq!(d.state("r1"), ("shut off".into(), "destroyed".into()));
+    d.console("r3", false).unwrap().send("poweroff");
+    d.wait_state("r3", "shut off", "shutdown");
+    // A VMM killed while the daemon was down is found dead at the next start.
+    d.kill9();
+    // SAFETY: kill(2) on a VMM this test started.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(100));
+    d.spawn();
+    assert_eq!(d.state("r2").0, "shut off");
+    assert!(!d.run_dir().join("r2").exists());
+}
+
+#[test]
+fn autostart_across_daemon_restart() {
+    let mut d = Daemon::start();
+    d.define("a1", "");
+    d.define("a2", "");
+    d.ok(
+        "PUT",
+        "/v1/domains/a1/autostart",
+        Some(json!({"enable": true})),
+    );
+    assert!(d.state_dir().join("autostart/a1.xml").exists());
+    d.kill9();
+    d.spawn();
+    d.wait_state("a1", "running", "booted");
+    assert_eq!(d.state("a2").0, "shut off");
+    let v = d.ok("GET", "/v1/domains/a1", None);
+    assert_eq!(v["autostart"], true);
+    d.ok(
+        "PUT",
+        "/v1/domains/a1/autostart",
+        Some(json!({"enable": false})),
+    );
+    assert!(!d.state_dir().join("autostart/a1.xml").exists());
+}
+
+#[test]
+fn transient_domain_vanishes_at_shutoff() {
+    let d = Daemon::start();
+    let r = d.ok(
+        "POST",
+        "/v1/domains",
+        Some(json!({"xml": d.xml("t1", ""), "transient": true})),
+    );
+    assert_eq!(r["name"], "t1");
+    let v = d.ok("GET", "/v1/domains/t1", None);
+    assert_eq!(
+        (v["persistent"].clone(), v["state"].clone()),
+        (json!(false), json!("running"))
+    );
+    assert!(
+        !d.state_dir().join("domains/t1.xml").exists(),
+        "transient: nothing written"
+    );
+    d.ok("POST", "/v1/domains/t1/destroy", None);
+    let (status, _) = d.call("GET", "/v1/domains/t1", None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn shutdown_timeout_reports_and_keeps_running() {
+    let d = Daemon::start();
+    let xml = d
+        .xml("s1", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.ignore_acpi");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/s1/start", None);
+    let (status, err) = d.call(
+        "POST",
+        "/v1/domains/s1/shutdown",
+        Some(json!({"timeout_secs": 1})),
+    );
+    assert_eq!(status, 504, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not shut down within 1 seconds"),
+        "{err}"
+    );
+    assert_eq!(d.state("s1").0, "running");
+    d.ok("POST", "/v1/domains/s1/destroy", None);
+}
+
+#[test]
+fn vcpupin_and_cputune_set_real_thread_affinity() {
+    let d = Daemon::start();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipping: pinning needs at least 2 host CPUs");
+        return;
+    }
+    d.define(
+        "pin",
+        "<cputune><vcpupin vcpu='1' cpuset='1'/><emulatorpin cpuset='0'/></cputune>",
+    );
+    d.ok("POST", "/v1/domains/pin/start", None);
+    let v = d.ok("GET", "/v1/domains/pin/vcpus", None);
+    let tid = |n: usize| v[n]["tid"].as_i64().unwrap() as i32;
+    assert_eq!(v[1]["affinity"], "1", "cputune applied at start: {v}");
+    assert_eq!(affinity(tid(1)), vec![1]);
+    assert_eq!(
+        affinity(d.pid("pin").unwrap() as i32),
+        vec![0],
+        "emulatorpin applied"
+    );
+    d.ok(
+        "POST",
+        "/v1/domains/pin/vcpupin",
+        Some(json!({"vcpu": 0, "cpuset": "1"})),
+    );
+    assert_eq!(affinity(tid(0)), vec![1], "live vcpupin");
+    // Bad cpusets are refused and change nothing.
+    for bad in ["99", "a-b", "1-0", ""] {
+        let (status, err) = d.call(
+            "POST",
+            "/v1/domains/pin/vcpupin",
+            Some(json!({"vcpu": 0, "cpuset": bad})),
+        );
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert!(err["error"].as_str().unwrap().contains("invalid"), "{err}");
+    }
+    let (status, _) = d.call(
+        "POST",
+        "/v1/domains/pin/vcpupin",
+        Some(json!({"vcpu": 7, "cpuset": "0"})),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(affinity(tid(0)), vec![1]);
+    // --config persists into the definition.
+    d.ok(
+        "POST",
+        "/v1/domains/pin/vcpupin",
+        Some(json!({"vcpu": 0, "cpuset": "0", "config": true})),
+    );
+    let x = d.ok("GET", "/v1/domains/pin/xml?inactive=true", None);
+    assert!(
+        x["xml"]
+            .as_str()
+            .unwrap()
+            .contains("<vcpupin vcpu=\"0\" cpuset=\"0\"/>"),
+        "{x}"
+    );
+    d.ok("POST", "/v1/domains/pin/destroy", None);
+}
+
+fn affinity(tid: i32) -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size.
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0);
+    // SAFETY: c is below CPU_SETSIZE.
+    (0..64)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let d = Daemon::start();
+    let (status, err) = d.call(
+        "POST",
+        "/v1/domains",
+        Some(json!({"xml": "<domain type='kvm'>\n<name>x</nam>\n</domain>"})),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(err["code"], "xml_error");
+    assert!(err["error"].as_str().unwrap().contains("line 2"), "{err}");
+    let (status, err) = d.call(
+        "POST",
+        "/v1/domains",
+        Some(json!({"xml": d.xml("b1", "").replace("bus='virtio'", "bus='ide'")})),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        err["error"].as_str().unwrap().contains("bus='ide'"),
+        "{err}"
+    );
+    let r = d.define("b1", "");
+    // Same name, different UUID: refused.
+    let other = d.xml("b1", "").replace(
+        "<name>b1</name>",
+        "<name>b1</name><uuid>00000000-0000-4000-8000-000000000001</uuid>",
+    );
+    let (status, err) = d.call("POST", "/v1/domains", Some(json!({"xml": other})));
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("already exists with uuid"),
+        "{err}"
+    );
+    // Same UUID, different name: refused.
+    let dup = d.xml("b2", "").replace(
+        "<name>b2</name>",
+        &format!(
+            "<name>b2</name><uuid>{}</uuid>",
+            r["uuid"].as_str().unwrap()
+        ),
+    );
+    let (status, err) = d.call("POST", "/v1/domains", Some(json!({"xml": dup})));
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("domain 'b1' already exists"),
+        "{err}"
+    );
+    // Unknown domain.
+    for (m, p) in [
+        ("GET", "/v1/domains/nope"),
+        ("POST", "/v1/domains/nope/start"),
+        ("DELETE", "/v1/domains/nope"),
+    ] {
+        let (status, err) = d.call(m, p, None);
+        assert_eq!(status, 404, "{m} {p}");
+        assert_eq!(err["code"], "no_domain");
+    }
+    // Starting a running domain.
+    d.ok("POST", "/v1/domains/b1/start", None);
+    let pid = d.pid("b1");
+    let (status, err) = d.call("POST", "/v1/domains/b1/start", None);
+    assert_eq!(status, 409);
+    assert_eq!(err["error"], "Domain is already active");
+    assert_eq!(d.pid("b1"), pid);
+    d.ok("POST", "/v1/domains/b1/destroy", None);
+    // Missing disk: clear error, state unchanged, nothing left behind.
+    let missing = d.xml("b3", "").replace("disk.img", "gone.img");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": missing})));
+    let (status, err) = d.call("POST", "/v1/domains/b3/start", None);
+    assert_eq!(status, 500);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("Cannot access storage file")
+            && err["error"].as_str().unwrap().contains("gone.img"),
+        "{err}"
+    );
+    assert_eq!(d.state("b3"), ("shut off".into(), "unknown".into()));
+    assert!(!d.run_dir().join("b3").exists());
+    // A VMM that fails during start-up: its error reaches the user, state is failed.
+    let bad_vmm = d.xml("b4", "").replace("console=ttyS0", "fake.fail_start");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": bad_vmm})));
+    let (status, err) = d.call("POST", "/v1/domains/b4/start", None);
+    assert_eq!(status, 500, "{err}");
+    let msg = err["error"].as_str().unwrap();
+    assert!(
+        msg.contains("did not start") && msg.contains("simulated start-up failure"),
+        "{err}"
+    );
+    assert_eq!(d.state("b4"), ("shut off".into(), "failed".into()));
+    assert!(!d.run_dir().join("b4").exists());
+    // The stored definitions are intact.
+    assert!(d.state_dir().join("domains/b1.xml").exists());
+    let list = d.ok("GET", "/v1/domains", None);
+    assert_eq!(list.as_array().unwrap().len(), 3, "b1, b3, b4");
+}
+
+#[test]
+fn undefine_running_makes_transient_then_it_vanishes() {
+    let d = Daemon::start();
+    d.define("u1", "");
+    d.ok("POST", "/v1/domains/u1/start", None);
+    d.ok("DELETE", "/v1/domains/u1", None);
+    assert!(!d.state_dir().join("domains/u1.xml").exists());
+    assert_eq!(d.ok("GET", "/v1/domains/u1", None)["persistent"], false);
+    d.ok("POST", "/v1/domains/u1/destroy", None);
+    assert_eq!(d.call("GET", "/v1/domains/u1", None).0, 404);
+}
+
+#[test]
+fn second_daemon_on_the_same_socket_is_refused() {
+    let d = Daemon::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rvirtd"))
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .arg("--run-dir")
+        .arg(d.run_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already listening"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn openapi_lists_every_route() {
+    let d = Daemon::start();
+    let doc = d.ok("GET", "/v1/openapi.json", None);
+    assert_eq!(doc["openapi"], "3.0.3");
+    for (method, path, ..) in rvirtd::openapi::OPERATIONS {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        let probe = path.replace("{name}", "nope");
+        let (status, _) = d.call(&method.to_uppercase(), &probe, Some(json!({})));
+        assert_ne!(
+            status, 405,
+            "{method} {path} is in the document but not routed"
+        );
+    }
+}
