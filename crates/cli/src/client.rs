@@ -141,10 +141,17 @@ impl Client {
             ));
         }
         req.push_str("\r\n");
-        stream.write_all(req.as_bytes())?;
-        stream.write_all(&payload)?;
+        let mut msg = req.into_bytes();
+        msg.extend_from_slice(&payload);
+        // The daemon may answer (and close) before reading a body it does not need, e.g. when
+        // the domain is not running: a failed write is fine as long as an answer can be read.
+        let written = stream.write_all(&msg);
         let mut r = BufReader::new(stream);
-        let head = read_head(&mut r)?;
+        let head = match (read_head(&mut r), written) {
+            (Ok(h), _) => h,
+            (Err(_), Err(e)) => return Err(e.into()),
+            (Err(e), Ok(())) => return Err(e),
+        };
         let body = read_body(&mut r, &head)?;
         if (200..300).contains(&head.status) {
             serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
