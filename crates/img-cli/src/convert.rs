@@ -66,7 +66,7 @@ pub fn run(mut a: ConvertArgs) -> Result<u8> {
     let out_path = a.files.pop().context("no output file given")?;
     let out_format: Format = a.out_format.parse()?;
     let sparse = parse_size(&a.sparse)?;
-    if sparse % 512 != 0 {
+    if !sparse.is_multiple_of(512) {
         bail!("-S {} must be a multiple of 512", a.sparse);
     }
     if a.compress && out_format != Format::Qcow2 {
@@ -129,6 +129,28 @@ pub fn run(mut a: ConvertArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// One step of the copy, made by the reading thread and carried out by the writing one.
+enum Step {
+    /// Nothing to write (progress only).
+    Skip(u64),
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    Data {
+        off: u64,
+        buf: Vec<u8>,
+    },
+    /// Whole output clusters with their compressed forms (`None`: store plainly).
+    Compressed {
+        off: u64,
+        buf: Vec<u8>,
+        z: Vec<Option<Vec<u8>>>,
+    },
+}
+
+/// Copies `src` into `dst` at `base`: one thread reads (and compresses) while this one
+/// writes, so reading, compressing and writing overlap.
 fn copy(
     src: &Image,
     dst: &Image,
@@ -136,51 +158,138 @@ fn copy(
     plan: &Plan,
     pb: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let size = src.size();
-    let cs = dst.as_qcow2().map_or(65536, |q| q.header().cluster_size());
-    let mut buf = vec![0u8; CHUNK.max(cs) as usize];
-    let mut pos = 0;
-    while pos < size {
-        let want = if plan.compress {
-            // Compressed writes go cluster by cluster: align steps to output clusters.
-            let end = ((base + pos) / cs + 1) * cs - base;
-            (end.min(size) - pos).min(cs)
-        } else {
-            CHUNK.min(size - pos)
-        };
-        let e = src.map_extent(pos, want)?;
-        let n = e.length;
-        let skip = plan.top_only && e.depth > 0 && src.as_qcow2().is_some();
-        if !skip {
-            if !e.data && plan.sparse > 0 {
-                if !plan.fresh {
-                    dst.write_zeroes(base + pos, n, true)?;
-                }
-            } else if plan.compress {
-                // The whole output cluster: read it all so the compressed cluster is complete.
-                let cstart = (base + pos) / cs * cs;
-                let lo = cstart.max(base) - base;
-                let hi = (cstart + cs).min(base + size) - base;
-                let piece = &mut buf[..(hi - lo) as usize];
-                src.read_at(piece, lo)?;
-                if piece.iter().any(|&b| b != 0) {
-                    let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
-                    if lo + base == cstart && piece.len() as u64 == cs.min(dst.size() - cstart) {
-                        q.write_compressed(piece, cstart)?;
-                    } else {
-                        dst.write_at(piece, base + lo)?;
-                    }
-                }
-                pb.inc(hi - pos);
-                pos = hi;
-                continue;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Step>>(4);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let r = if plan.compress {
+                read_compressed(src, dst, base, &tx)
             } else {
-                let piece = &mut buf[..n as usize];
-                src.read_at(piece, pos)?;
-                write_sparse(dst, piece, base + pos, plan)?;
+                read_plain(src, base, plan, &tx)
+            };
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+            }
+        });
+        for step in rx {
+            match step? {
+                Step::Skip(n) => pb.inc(n),
+                Step::Zero { off, len } => {
+                    dst.write_zeroes(off, len, true)?;
+                    pb.inc(len);
+                }
+                Step::Data { off, buf } => {
+                    write_sparse(dst, &buf, off, plan)?;
+                    pb.inc(buf.len() as u64);
+                }
+                Step::Compressed { off, buf, z } => {
+                    let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
+                    let cs = q.cluster_size() as usize;
+                    for (i, (piece, z)) in buf.chunks(cs).zip(z).enumerate() {
+                        if !is_zero(piece) {
+                            q.write_precompressed(piece, z, off + (i * cs) as u64)?;
+                        }
+                    }
+                    pb.inc(buf.len() as u64);
+                }
             }
         }
-        pb.inc(n);
+        Ok(())
+    })
+}
+
+fn read_plain(
+    src: &Image,
+    base: u64,
+    plan: &Plan,
+    tx: &std::sync::mpsc::SyncSender<Result<Step>>,
+) -> Result<()> {
+    let size = src.size();
+    let mut pos = 0;
+    while pos < size {
+        let e = src.map_extent(pos, CHUNK.min(size - pos))?;
+        let n = e.length;
+        let skip = plan.top_only && e.depth > 0 && src.as_qcow2().is_some();
+        let step = if skip || (!e.data && plan.sparse > 0 && plan.fresh) {
+            Step::Skip(n)
+        } else if !e.data && plan.sparse > 0 {
+            Step::Zero {
+                off: base + pos,
+                len: n,
+            }
+        } else {
+            let mut buf = vec![0u8; n as usize];
+            src.read_at(&mut buf, pos)?;
+            Step::Data {
+                off: base + pos,
+                buf,
+            }
+        };
+        if tx.send(Ok(step)).is_err() {
+            return Ok(());
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Reads whole output clusters and compresses them on two threads.
+fn read_compressed(
+    src: &Image,
+    dst: &Image,
+    base: u64,
+    tx: &std::sync::mpsc::SyncSender<Result<Step>>,
+) -> Result<()> {
+    let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
+    let cs = q.cluster_size();
+    if !base.is_multiple_of(cs) {
+        bail!("with -c, every input but the last must be a multiple of the {cs}-byte cluster size");
+    }
+    let size = src.size();
+    let mut pos = 0;
+    while pos < size {
+        let n = CHUNK.max(cs).min(size - pos);
+        let e = src.map_extent(pos, n)?;
+        if !e.data && e.length >= cs.min(size - pos) {
+            // Whole clusters of zeroes stay unallocated.
+            let len = if e.length == size - pos {
+                e.length
+            } else {
+                e.length / cs * cs
+            };
+            if tx.send(Ok(Step::Skip(len))).is_err() {
+                return Ok(());
+            }
+            pos += len;
+            continue;
+        }
+        let mut buf = vec![0u8; n as usize];
+        src.read_at(&mut buf, pos)?;
+        let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
+        let half = clusters.len().div_ceil(2);
+        let compress = |part: &[&[u8]]| -> Vec<Option<Vec<u8>>> {
+            part.iter()
+                .map(|c| if is_zero(c) { None } else { q.compress(c) })
+                .collect()
+        };
+        let z = std::thread::scope(|s| -> Result<_> {
+            let first = s.spawn(|| compress(&clusters[..half]));
+            let second = compress(&clusters[half..]);
+            let mut z = first
+                .join()
+                .map_err(|_| anyhow::anyhow!("the compression thread failed"))?;
+            z.extend(second);
+            Ok(z)
+        })?;
+        if tx
+            .send(Ok(Step::Compressed {
+                off: base + pos,
+                buf,
+                z,
+            }))
+            .is_err()
+        {
+            return Ok(());
+        }
         pos += n;
     }
     Ok(())

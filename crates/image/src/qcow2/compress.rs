@@ -85,3 +85,22 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod text_tests {
+    use super::*;
+
+    #[test]
+    fn base64_text_compresses() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let data: Vec<u8> = (0..65536).map(|_| B64[rng.usize(..64)]).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(kind, &data).expect("text compresses");
+            assert!(c.len() < data.len() * 4 / 5, "{kind:?}: {}", c.len());
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+}

@@ -39,6 +39,8 @@ pub struct Qcow2 {
     size: AtomicU64,
     read_only: bool,
     path: PathBuf,
+    cluster_size: u64,
+    compression: CompressionType,
 }
 
 pub(crate) struct State {
@@ -97,6 +99,8 @@ impl Qcow2 {
         st.after_open(opts)?;
         Ok(Qcow2 {
             size: AtomicU64::new(st.hdr.size),
+            cluster_size: st.hdr.cluster_size(),
+            compression: st.hdr.compression,
             state: Mutex::new(st),
             read_only: opts.read_only,
             path: path.to_owned(),
@@ -164,7 +168,26 @@ impl Qcow2 {
 
     /// Writes one cluster-aligned cluster compressed (`convert -c`).
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.st().write_compressed(buf, offset)
+        let z = self.compress(buf);
+        self.write_precompressed(buf, z, offset)
+    }
+
+    /// Compresses one cluster of guest data (or the last, partial one) as this image stores
+    /// compressed clusters; `None` when that would not save space. Needs no lock, so callers
+    /// can compress on several threads and then write in order.
+    pub fn compress(&self, buf: &[u8]) -> Option<Vec<u8>> {
+        let mut full = buf.to_vec();
+        full.resize(self.cluster_size as usize, 0);
+        compress::compress(self.compression, &full)
+    }
+
+    /// Writes a cluster compressed earlier by [`Qcow2::compress`].
+    pub fn write_precompressed(&self, buf: &[u8], z: Option<Vec<u8>>, offset: u64) -> Result<()> {
+        self.st().write_compressed(buf, z, offset)
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
     }
 
     /// Rewrites the header with a new backing file (`rebase -u`, `commit`, `amend`).

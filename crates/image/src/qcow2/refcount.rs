@@ -392,6 +392,15 @@ impl Refcounts {
         self.adjust(c, 1, delta as i64, &[])
     }
 
+    /// Takes free cluster `c` (refcount 0 → 1); false if it is in use.
+    pub fn claim(&mut self, c: u64) -> Result<bool> {
+        if c * self.cs() >= MAX_HOST_OFFSET || self.get(c)? != 0 {
+            return Ok(false);
+        }
+        self.adjust(c, 1, 1, &[])?;
+        Ok(true)
+    }
+
     /// Makes later allocations start at cluster `c` or beyond.
     pub fn allocate_past(&mut self, c: u64) {
         self.free_hint = self.free_hint.max(c);
