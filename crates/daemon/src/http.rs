@@ -70,7 +70,7 @@ async fn list(State(m): M) -> Json<Vec<DomainSummary>> {
 }
 
 async fn define(State(m): M, Json(req): Json<DefineRequest>) -> R<DefineResponse> {
-    let (resp, slot) = m.define(&req.xml, req.transient)?;
+    let (resp, slot) = m.define(&req.xml, req.transient).await?;
     if req.transient {
         let started = {
             let _op = slot.op.lock().await;

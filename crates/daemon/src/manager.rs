@@ -57,7 +57,7 @@ pub struct SlotState {
 
 pub struct Slot {
     /// Serializes lifecycle operations on this domain.
-    pub op: tokio::sync::Mutex<()>,
+    pub op: Arc<tokio::sync::Mutex<()>>,
     pub st: Mutex<SlotState>,
     /// Counts VMM runs that ended; waiters subscribe before stopping a VMM.
     pub stopped: tokio::sync::watch::Sender<u64>,
@@ -68,7 +68,7 @@ pub struct Slot {
 impl Slot {
     pub fn new(config: Domain, persistent: bool, autostart: bool) -> Arc<Slot> {
         Arc::new(Slot {
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             st: Mutex::new(SlotState {
                 config,
                 live: None,
@@ -182,32 +182,104 @@ impl Manager {
 
     /// Defines (or redefines) a persistent domain, or registers a transient one (which the
     /// caller then starts).
-    pub fn define(&self, xml: &str, transient: bool) -> ApiResult<(DefineResponse, Arc<Slot>)> {
+    /// Defines (or redefines) a persistent domain, or registers a transient one (which the
+    /// caller then starts). Uniqueness is decided under the registry lock; the file is written
+    /// outside it, under the domain's own op lock, so defines of different domains overlap.
+    pub async fn define(
+        &self,
+        xml: &str,
+        transient: bool,
+    ) -> ApiResult<(DefineResponse, Arc<Slot>)> {
         let mut dom = Domain::parse(xml)?;
         let name = dom.def.name.clone();
-        let mut slots = self.slots();
-        let existing = slots.get(&name).cloned();
-        if let Some(uuid) = &dom.def.uuid {
-            for (other, slot) in slots.iter() {
-                if other != &name && slot.lock().config.def.uuid.as_ref() == Some(uuid) {
-                    return Err(ApiError::invalid_op(format!(
-                        "operation failed: domain '{other}' already exists with uuid {uuid}"
-                    )));
+        let (slot, new_guard) = {
+            let mut slots = self.slots();
+            self.check_unique(&slots, &mut dom)?;
+            match slots.get(&name).cloned() {
+                Some(slot) => (slot, None),
+                None => {
+                    if dom.def.uuid.is_none() {
+                        dom.set_uuid(&random_uuid());
+                    }
+                    let slot = Slot::new(dom.clone(), !transient, false);
+                    let guard = slot
+                        .op
+                        .clone()
+                        .try_lock_owned()
+                        .expect("a new slot is unlocked");
+                    slots.insert(name.clone(), slot.clone());
+                    (slot, Some(guard))
                 }
             }
-        }
-        let mut used_macs: HashSet<String> = HashSet::new();
-        for (other, slot) in slots.iter() {
-            if other != &name {
-                let st = slot.lock();
-                used_macs.extend(
-                    st.config
-                        .def
-                        .interfaces
-                        .iter()
-                        .filter_map(|i| i.mac.clone()),
-                );
+        };
+        let response = |dom: &Domain| DefineResponse {
+            name: name.clone(),
+            uuid: dom.def.uuid.clone().unwrap_or_default(),
+            warnings: dom.warnings.clone(),
+        };
+        if let Some(_op) = new_guard {
+            if !transient {
+                if let Err(e) = self.store.save(&dom) {
+                    self.remove_slot(&name, &slot);
+                    return Err(e.into());
+                }
             }
+            return Ok((response(&dom), slot));
+        }
+        let _op = slot.op.lock().await;
+        {
+            let st = slot.lock();
+            if st.gone {
+                return Err(ApiError::invalid_op(format!(
+                    "operation failed: domain '{name}' was undefined while being redefined; retry"
+                )));
+            }
+            let old_uuid = st.config.def.uuid.clone().unwrap_or_default();
+            match &dom.def.uuid {
+                Some(u) if *u != old_uuid => {
+                    return Err(ApiError::invalid_op(format!(
+                        "operation failed: domain '{name}' already exists with uuid {old_uuid}"
+                    )))
+                }
+                Some(_) => {}
+                None => dom.set_uuid(&old_uuid),
+            }
+            if transient {
+                return Err(ApiError::invalid_op(if st.state.is_active() {
+                    "Domain is already active".to_string()
+                } else {
+                    format!(
+                        "operation failed: domain '{name}' already exists with uuid {old_uuid}; use start"
+                    )
+                }));
+            }
+        }
+        self.store.save(&dom)?;
+        let mut st = slot.lock();
+        st.config = dom.clone();
+        st.persistent = true;
+        Ok((response(&dom), slot.clone()))
+    }
+
+    /// UUID and MAC uniqueness against every other domain; fills in generated MACs.
+    fn check_unique(&self, slots: &BTreeMap<String, Arc<Slot>>, dom: &mut Domain) -> ApiResult<()> {
+        let name = dom.def.name.clone();
+        let mut used_macs: HashSet<String> = HashSet::new();
+        for (other, slot) in slots.iter().filter(|(n, _)| **n != name) {
+            let st = slot.lock();
+            if dom.def.uuid.is_some() && st.config.def.uuid == dom.def.uuid {
+                return Err(ApiError::invalid_op(format!(
+                    "operation failed: domain '{other}' already exists with uuid {}",
+                    dom.def.uuid.as_deref().unwrap_or_default()
+                )));
+            }
+            used_macs.extend(
+                st.config
+                    .def
+                    .interfaces
+                    .iter()
+                    .filter_map(|i| i.mac.clone()),
+            );
         }
         for mac in dom.def.interfaces.iter().filter_map(|i| i.mac.as_ref()) {
             if !used_macs.insert(mac.clone()) {
@@ -223,52 +295,7 @@ impl Manager {
                 return m;
             }
         });
-        let slot = match existing {
-            Some(slot) => {
-                let mut st = slot.lock();
-                let old_uuid = st.config.def.uuid.clone().unwrap_or_default();
-                match &dom.def.uuid {
-                    Some(u) if *u != old_uuid => {
-                        return Err(ApiError::invalid_op(format!(
-                            "operation failed: domain '{name}' already exists with uuid {old_uuid}"
-                        )))
-                    }
-                    Some(_) => {}
-                    None => dom.set_uuid(&old_uuid),
-                }
-                if transient {
-                    return Err(ApiError::invalid_op(if st.state.is_active() {
-                        "Domain is already active".to_string()
-                    } else {
-                        format!("operation failed: domain '{name}' already exists with uuid {old_uuid}; use start")
-                    }));
-                }
-                self.store.save(&dom)?;
-                st.config = dom.clone();
-                st.persistent = true;
-                drop(st);
-                slot
-            }
-            None => {
-                if dom.def.uuid.is_none() {
-                    dom.set_uuid(&random_uuid());
-                }
-                if !transient {
-                    self.store.save(&dom)?;
-                }
-                let slot = Slot::new(dom.clone(), !transient, false);
-                slots.insert(name.clone(), slot.clone());
-                slot
-            }
-        };
-        Ok((
-            DefineResponse {
-                name,
-                uuid: dom.def.uuid.clone().unwrap_or_default(),
-                warnings: dom.warnings.clone(),
-            },
-            slot,
-        ))
+        Ok(())
     }
 
     pub async fn undefine(&self, key: &str) -> ApiResult<()> {
