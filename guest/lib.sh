@@ -66,6 +66,7 @@ candidate_version() {
 # begin_fixture NAME HASH — sets FIXTURE (final dir) and WORK (temp dir); returns 1 if FIXTURE
 # already exists (nothing to build).
 begin_fixture() {
+  FIXTURE_NAME=$1
   FIXTURE="$RVIRT_CACHE/$1-$2"
   [ -d "$FIXTURE" ] && return 1
   mkdir -p "$RVIRT_CACHE"
@@ -82,6 +83,11 @@ finish_fixture() {
     # Someone else finished the same recipe first; theirs is as good as ours.
     rm -rf "$WORK"
   fi
+  # Older recipes of the same fixture are dead weight (a kernel is ~80 MB).
+  local old
+  for old in "$RVIRT_CACHE/$FIXTURE_NAME"-*; do
+    [ "$old" = "$FIXTURE" ] || rm -rf "$old"
+  done
 }
 
 # module_order DIR NAME... — NAME and their dependencies (from `modinfo -F depends` of the .ko
@@ -116,4 +122,14 @@ _module_file() {
 # make_cpio DIR OUT — uncompressed newc archive of DIR's contents, owned by root.
 make_cpio() {
   (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$2"
+}
+
+# install_busybox BUSYBOX ROOT — BUSYBOX as ROOT/bin/busybox with a symlink per applet.
+install_busybox() {
+  local a
+  mkdir -p "$2/bin"
+  install -m 0755 "$1" "$2/bin/busybox"
+  for a in $("$1" --list); do
+    [ "$a" = busybox ] || ln -sf busybox "$2/bin/$a"
+  done
 }
