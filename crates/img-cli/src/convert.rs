@@ -43,6 +43,13 @@ pub struct ConvertArgs {
     /// Write into an existing output instead of creating it.
     #[arg(short = 'n')]
     no_create: bool,
+    /// Output cache mode: unsafe (the default for convert, as in qemu-img) skips the final
+    /// flush to disk; writeback, writethrough, directsync and none flush when done.
+    #[arg(short = 't', default_value = "unsafe", value_parser = ["none", "writeback", "writethrough", "directsync", "unsafe"])]
+    cache: String,
+    /// Source cache mode (accepted for qemu-img compatibility; reads use the page cache).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
     /// Read sources without taking their lock.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -122,9 +129,12 @@ pub fn run(mut a: ConvertArgs) -> Result<u8> {
         })?;
         base += src.size();
     }
-    target
-        .flush()
-        .with_context(|| format!("flushing '{}'", out_path.display()))?;
+    if a.cache != "unsafe" {
+        target
+            .flush()
+            .with_context(|| format!("flushing '{}'", out_path.display()))?;
+    }
+    let _ = a.src_cache;
     pb.finish_and_clear();
     Ok(0)
 }
@@ -159,12 +169,14 @@ fn copy(
     pb: &indicatif::ProgressBar,
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Step>>(4);
+    // Written buffers go back to the reader: no fresh (page-faulting) buffer per step.
+    let (pool_tx, pool) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         s.spawn(move || {
             let r = if plan.compress {
-                read_compressed(src, dst, base, &tx)
+                read_compressed(src, dst, base, &tx, &pool)
             } else {
-                read_plain(src, base, plan, &tx)
+                read_plain(src, base, plan, &tx, &pool)
             };
             if let Err(e) = r {
                 let _ = tx.send(Err(e));
@@ -180,6 +192,7 @@ fn copy(
                 Step::Data { off, buf } => {
                     write_sparse(dst, &buf, off, plan)?;
                     pb.inc(buf.len() as u64);
+                    let _ = pool_tx.send(buf);
                 }
                 Step::Compressed { off, buf, z } => {
                     let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
@@ -190,6 +203,7 @@ fn copy(
                         }
                     }
                     pb.inc(buf.len() as u64);
+                    let _ = pool_tx.send(buf);
                 }
             }
         }
@@ -202,6 +216,7 @@ fn read_plain(
     base: u64,
     plan: &Plan,
     tx: &std::sync::mpsc::SyncSender<Result<Step>>,
+    pool: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
     let size = src.size();
     let mut pos = 0;
@@ -217,7 +232,7 @@ fn read_plain(
                 len: n,
             }
         } else {
-            let mut buf = vec![0u8; n as usize];
+            let mut buf = take_buffer(pool, n);
             src.read_at(&mut buf, pos)?;
             Step::Data {
                 off: base + pos,
@@ -238,6 +253,7 @@ fn read_compressed(
     dst: &Image,
     base: u64,
     tx: &std::sync::mpsc::SyncSender<Result<Step>>,
+    pool: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
     let q = dst.as_qcow2().context("compression needs a qcow2 output")?;
     let cs = q.cluster_size();
@@ -262,7 +278,7 @@ fn read_compressed(
             pos += len;
             continue;
         }
-        let mut buf = vec![0u8; n as usize];
+        let mut buf = take_buffer(pool, n);
         src.read_at(&mut buf, pos)?;
         let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
         let half = clusters.len().div_ceil(2);
@@ -293,6 +309,13 @@ fn read_compressed(
         pos += n;
     }
     Ok(())
+}
+
+/// A recycled buffer of `n` bytes (contents undefined), or a new one.
+fn take_buffer(pool: &std::sync::mpsc::Receiver<Vec<u8>>, n: u64) -> Vec<u8> {
+    let mut buf = pool.try_recv().unwrap_or_default();
+    buf.resize(n as usize, 0);
+    buf
 }
 
 /// Writes `data` at `off`, leaving out runs of zeroes of at least the sparse size.

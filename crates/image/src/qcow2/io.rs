@@ -82,44 +82,44 @@ impl State {
     }
 
     /// Reads `buf` at guest `offset` (already range checked).
-    pub(crate) fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Reads the piece of `buf` (guest `offset`) that starts it: plain data is not read but
+    /// returned as `(host offset, length)` so the caller can read it without the lock; any
+    /// other mapping is read here. Returns the length handled and the deferred data read.
+    pub(crate) fn read_piece(
+        &mut self,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(usize, Option<u64>)> {
         let cs = self.cs();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let in_c = pos % cs;
-            let vc = pos / cs;
-            let (c, _) = self.lookup(vc)?;
+        let in_c = offset % cs;
+        let vc = offset / cs;
+        let (c, _) = self.lookup(vc)?;
+        let mut n = ((cs - in_c) as usize).min(buf.len());
+        if let Cluster::Normal {
+            host,
+            alloc: u32::MAX,
+            ..
+        } = c
+        {
             // Extend plain data reads over host-contiguous clusters to cut syscalls.
-            let mut n = ((cs - in_c) as usize).min(buf.len() - done);
-            if let Cluster::Normal { host, alloc, .. } = c {
-                if alloc == u32::MAX {
-                    let mut next = vc + 1;
-                    while done + n < buf.len() {
-                        match self.lookup(next)? {
-                            (
-                                Cluster::Normal {
-                                    host: h,
-                                    alloc: u32::MAX,
-                                    ..
-                                },
-                                _,
-                            ) if h == host + (next - vc) * cs => {
-                                n = (n + cs as usize).min(buf.len() - done);
-                                next += 1;
-                            }
-                            _ => break,
-                        }
+            let mut next = vc + 1;
+            while n < buf.len() {
+                match self.lookup(next)?.0 {
+                    Cluster::Normal {
+                        host: h,
+                        alloc: u32::MAX,
+                        ..
+                    } if h == host + (next - vc) * cs => {
+                        n = (n + cs as usize).min(buf.len());
+                        next += 1;
                     }
-                    self.f.read_data(&mut buf[done..done + n], host + in_c)?;
-                    done += n;
-                    continue;
+                    _ => break,
                 }
             }
-            self.read_in_cluster(c, &mut buf[done..done + n], pos)?;
-            done += n;
+            return Ok((n, Some(host + in_c)));
         }
-        Ok(())
+        self.read_in_cluster(c, &mut buf[..n], offset)?;
+        Ok((n, None))
     }
 
     /// Reads a piece of one guest cluster mapped as `c`.

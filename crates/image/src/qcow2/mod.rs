@@ -41,6 +41,8 @@ pub struct Qcow2 {
     path: PathBuf,
     cluster_size: u64,
     compression: CompressionType,
+    /// The image file, for data reads outside the lock.
+    data: ImgFile,
 }
 
 pub(crate) struct State {
@@ -100,6 +102,7 @@ impl Qcow2 {
         Ok(Qcow2 {
             size: AtomicU64::new(st.hdr.size),
             cluster_size: st.hdr.cluster_size(),
+            data: st.f.clone(),
             compression: st.hdr.compression,
             state: Mutex::new(st),
             read_only: opts.read_only,
@@ -427,7 +430,19 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         crate::check_range(offset, buf.len() as u64, self.size())?;
-        self.st().read(buf, offset)
+        // Data reads run outside the lock so several queues or threads read in parallel;
+        // only the mapping lookups are serialised.
+        let mut done = 0usize;
+        while done < buf.len() {
+            let (n, host) = self
+                .st()
+                .read_piece(&mut buf[done..], offset + done as u64)?;
+            if let Some(host) = host {
+                self.data.read_data(&mut buf[done..done + n], host)?;
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
