@@ -30,6 +30,7 @@ trap cleanup EXIT
 DPID=$!
 for _ in $(seq 100); do [[ -S "$SOCK" ]] && break; sleep 0.05; done
 R() { "$BIN/rvirt" -c "$SOCK" "$@"; }
+LOAD=$(cut -d" " -f1-3 /proc/loadavg)
 xml() {
     printf "<domain type='kvm'><name>%s</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type>hvm</type><kernel>%s</kernel></os><devices><disk type='file'><source file='%s'/><target dev='vda' bus='virtio'/></disk></devices></domain>" \
         "$1" "$WORK/vmlinux" "$WORK/disk.img"
@@ -45,17 +46,9 @@ for i in $(seq 1 $CLI_N); do R define "$WORK/cli$i.xml" > /dev/null; done
 t1=$(now)
 cli_rate=$(echo "scale=0; $CLI_N * 1000 / $(ms "$t0" "$t1")" | bc)
 
-# The rest through parallel API clients (curl over the unix socket); bodies prepared untimed.
+# The rest through parallel API clients (8 threads, one request per connection).
 rest=$((N - CLI_N))
-mkdir -p "$WORK/bodies"
-for i in $(seq 1 $rest); do
-    printf '{"xml":"%s"}' "$(xml "api$i" | sed 's/"/\\"/g')" > "$WORK/bodies/$i.json"
-done
-t0=$(now)
-ls "$WORK/bodies" | xargs -P 8 -I{} curl -sf --unix-socket "$SOCK" \
-    -H 'content-type: application/json' -d @"$WORK/bodies/{}" http://localhost/v1/domains -o /dev/null
-t1=$(now)
-api_rate=$(echo "scale=0; $rest * 1000 / $(ms "$t0" "$t1")" | bc)
+api_rate=$(python3 bench/daemon/define_api.py "$SOCK" "$rest" 8 "$WORK/vmlinux" "$WORK/disk.img")
 count=$(R list --all --name | grep -c . || true)
 
 # rvirt list --all: median of 21 runs.
@@ -88,6 +81,8 @@ cores=$(nproc)
 density=$(echo "scale=1; $PAR * 1000 / $par_ms / $cores" | bc)
 seq 11 $((10 + PAR)) | xargs -P "$PAR" -I{} "$BIN/rvirt" -c "$SOCK" destroy cli{} > /dev/null
 
+echo
+echo "load average before the run: $LOAD"
 echo
 echo "| figure | value |"
 echo "| --- | --- |"
