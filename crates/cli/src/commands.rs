@@ -254,7 +254,8 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
                 );
                 println!("{:<15} {}", "State:", i.state);
                 println!("{:<15} {:.1}s", "CPU time:", i.cpu_time_ns as f64 / 1e9);
-                println!("{:<15} {}\n", "CPU Affinity:", i.affinity_map);
+                println!("{:<15} {}", "CPU Affinity:", i.affinity_map);
+                println!("{:<15} {}\n", "Thread ID:", i.tid);
             }
             Ok(())
         }

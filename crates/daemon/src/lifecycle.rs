@@ -152,6 +152,24 @@ impl Manager {
             }
         };
         let pid = child.id().unwrap_or(0);
+        let run = Run {
+            name: name.to_string(),
+            uuid: def.uuid.clone().unwrap_or_default(),
+            id: self.take_id(),
+            pid,
+            start_time: crate::host::proc_stat(pid).map_or(0, |s| s.start_time),
+            api_socket: api.clone(),
+            serial_socket: serial,
+            taps: taps.clone(),
+            generation,
+        };
+        // Recorded before waiting for the VMM, so that a daemon that dies right now still finds
+        // (and re-attaches to, or cleans up) this VMM on its next start.
+        let _ = crate::store::write_atomic(&dir.join("live.xml"), dom.to_xml().as_bytes());
+        let _ = crate::store::write_atomic(
+            &run_record_path(&dir),
+            serde_json::to_string(&run).unwrap_or_default().as_bytes(),
+        );
         if let Err(e) = wait_ready(&mut child, &api).await {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -165,23 +183,6 @@ impl Manager {
                 "rvirt-vmm for domain '{name}' did not start: {msg}"
             )));
         }
-        let start_time = crate::host::proc_stat(pid).map_or(0, |s| s.start_time);
-        let run = Run {
-            name: name.to_string(),
-            uuid: def.uuid.clone().unwrap_or_default(),
-            id: self.take_id(),
-            pid,
-            start_time,
-            api_socket: api,
-            serial_socket: serial,
-            taps,
-            generation,
-        };
-        let _ = crate::store::write_atomic(&dir.join("live.xml"), dom.to_xml().as_bytes());
-        let _ = crate::store::write_atomic(
-            &run_record_path(&dir),
-            serde_json::to_string(&run).unwrap_or_default().as_bytes(),
-        );
         self.apply_cputune(&run, def).await;
         {
             let mut st = slot.lock();
@@ -536,10 +537,22 @@ impl Manager {
         if !crate::host::process_matches(run.pid, run.start_time) {
             return Err(format!("its VMM (pid {}) is gone", run.pid));
         }
+        // A live VMM that does not answer is still ours: keep it (destroy still works, by
+        // SIGKILL) rather than forget a running process.
         let state = match vmm_client::request(&run.api_socket, &Request::Info).await {
             Ok(Response::Info { state, .. }) => state,
-            Ok(other) => return Err(format!("unexpected answer {other:?}")),
-            Err(e) => return Err(e.to_string()),
+            other => {
+                let why = match other {
+                    Ok(resp) => format!("unexpected answer {resp:?}"),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(
+                    "domain {}: VMM pid {} is alive but its control socket failed ({why}); re-attaching anyway",
+                    run.name,
+                    run.pid
+                );
+                RunState::Running
+            }
         };
         let live = std::fs::read_to_string(dir.join("live.xml"))
             .ok()

@@ -499,3 +499,131 @@ fn openapi_lists_every_route() {
         );
     }
 }
+
+#[test]
+fn unresponsive_vmm_is_still_reattached_and_destroyable() {
+    let mut d = Daemon::start();
+    d.define("h1", "");
+    d.ok("POST", "/v1/domains/h1/start", None);
+    let pid = d.pid("h1").unwrap();
+    d.kill9();
+    // SAFETY: kill(2) on the VMM this test started: freeze it so it cannot answer.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    d.spawn();
+    assert_eq!(
+        d.pid("h1"),
+        Some(pid),
+        "a live but silent VMM is not forgotten"
+    );
+    assert_eq!(d.state("h1").0, "running");
+    d.ok("POST", "/v1/domains/h1/destroy", None);
+    assert_eq!(d.state("h1"), ("shut off".into(), "destroyed".into()));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || processes_mentioning(&format!("{}/", d.run_dir().display())).is_empty()
+    );
+}
+
+/// Runs `ip` inside the test's network namespace.
+fn ip_in(ns: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ip"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn interfaces_get_taps_on_their_bridge_in_a_netns() {
+    let ns = format!("rvirt-test-{}", std::process::id());
+    let made = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .output();
+    if !made.as_ref().is_ok_and(|o| o.status.success())
+        || !std::path::Path::new("/dev/net/tun").exists()
+    {
+        eprintln!("skipping: needs root, ip netns and /dev/net/tun ({made:?})");
+        return;
+    }
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    assert!(ip_in(&ns, &["link", "add", "br-t", "type", "bridge"])
+        .status
+        .success());
+    // The daemon runs inside the namespace, as it would on a host with that bridge.
+    let mut d = Daemon::start();
+    d.kill9();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.dir.path().join("rvirtd.log"))
+        .unwrap();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_rvirtd")])
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .arg("--run-dir")
+        .arg(d.run_dir())
+        .arg("--vmm-binary")
+        .arg(common::fake_vmm())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nic = "<devices><interface type='bridge'><source bridge='br-t'/><mac address='52:54:00:aa:bb:01'/></interface></devices>";
+    let xml = d.xml("n1", "").replace(
+        "</devices></domain>",
+        &format!("{}</domain>", nic.replace("<devices>", "")),
+    );
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/n1/start", None);
+    let ifs = d.ok("GET", "/v1/domains/n1/interfaces", None);
+    let tap = ifs[0]["interface"].as_str().unwrap().to_string();
+    assert!(tap.starts_with("rvnet"), "{ifs}");
+    let show =
+        String::from_utf8_lossy(&ip_in(&ns, &["-o", "link", "show", &tap]).stdout).into_owned();
+    assert!(show.contains("master br-t"), "{show}");
+    assert!(
+        d.domain_log("n1")
+            .contains(&format!("--net tap={tap},mac=52:54:00:aa:bb:01")),
+        "{}",
+        d.domain_log("n1")
+    );
+    d.ok("POST", "/v1/domains/n1/destroy", None);
+    assert!(
+        !ip_in(&ns, &["link", "show", &tap]).status.success(),
+        "TAP removed at shut off"
+    );
+    // A missing bridge is a clear error, and no TAP is left.
+    let xml2 = xml
+        .replace("br-t", "br-missing")
+        .replace("<name>n1</name>", "<name>n2</name>")
+        .replace("aa:bb:01", "aa:bb:02");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml2})));
+    let (status, err) = d.call("POST", "/v1/domains/n2/start", None);
+    assert_eq!(status, 500);
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("bridge 'br-missing'"),
+        "{err}"
+    );
+    let links = String::from_utf8_lossy(&ip_in(&ns, &["-o", "link"]).stdout).into_owned();
+    assert!(!links.contains("rvnet"), "{links}");
+}
