@@ -157,20 +157,21 @@ pub struct Domain {
 /// Scales a libvirt memory value with its `unit` attribute to KiB (libvirt's default unit),
 /// rounding up as libvirt does.
 pub fn memory_to_kib(value: u64, unit: &str) -> Option<u64> {
-    let bytes_per: u128 = match unit {
+    // Case-insensitive like libvirt's scaled integers: "KB" is 1000, "k"/"KiB" is 1024.
+    let bytes_per: u128 = match unit.to_ascii_lowercase().as_str() {
         "b" | "bytes" => 1,
-        "KB" => 1000,
-        "k" | "K" | "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "M" | "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "G" | "GiB" => 1 << 30,
-        "TB" => 1_000_000_000_000,
-        "T" | "TiB" => 1 << 40,
-        "PB" => 1_000_000_000_000_000,
-        "P" | "PiB" => 1 << 50,
-        "EB" => 1_000_000_000_000_000_000,
-        "E" | "EiB" => 1 << 60,
+        "kb" => 1000,
+        "k" | "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "m" | "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "g" | "gib" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "pb" => 1_000_000_000_000_000,
+        "p" | "pib" => 1 << 50,
+        "eb" => 1_000_000_000_000_000_000,
+        "e" | "eib" => 1 << 60,
         _ => return None,
     };
     let bytes = value as u128 * bytes_per;
@@ -905,6 +906,12 @@ mod tests {
         assert_eq!(memory_to_kib(1, "GB"), Some(976_563));
         assert_eq!(memory_to_kib(524288, "KiB"), Some(524288));
         assert_eq!(memory_to_kib(1500, "b"), Some(2));
+        assert_eq!(memory_to_kib(2, "m"), Some(2048));
+        assert_eq!(
+            memory_to_kib(1, "kb"),
+            Some(1),
+            "1000 bytes round up to 1 KiB"
+        );
         assert_eq!(memory_to_kib(1, "furlongs"), None);
     }
 
