@@ -118,8 +118,15 @@ impl Manager {
         check_files(def)?;
         let dir = self.run_dir_of(name);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // The VMM's control and console sockets live here: only the daemon's user gets in.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        }
         let api = dir.join("api.sock");
         let serial = dir.join("serial.sock");
         let taps = match crate::tap::create_taps(name, def) {

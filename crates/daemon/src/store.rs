@@ -57,7 +57,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp{}.{seq}", std::process::id()));
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Definitions can hold paths and kernel command lines: readable by the daemon's user only.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -173,6 +179,12 @@ mod tests {
         let mut d = Domain::parse(XML).unwrap();
         d.set_uuid(&random_uuid());
         store.save(&d).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(store.definition_path("a"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         store.set_autostart("a", true).unwrap();
         fs::write(dir.path().join("domains/broken.xml"), "<domain").unwrap();
         let (good, bad) = store.load_all().unwrap();

@@ -20,6 +20,11 @@ fn define_start_console_shutdown() {
     assert_eq!(d.state("vm1"), ("shut off".into(), "unknown".into()));
     d.ok("POST", "/v1/domains/vm1/start", None);
     assert_eq!(d.state("vm1"), ("running".into(), "booted".into()));
+    let run_mode = std::fs::metadata(d.run_dir().join("vm1"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(run_mode & 0o777, 0o700, "the VMM's sockets are private");
     let mut con = d.console("vm1", false).unwrap();
     con.send("hello");
     con.expect("hello");
