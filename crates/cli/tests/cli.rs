@@ -314,7 +314,7 @@ fn edit_validates_and_redefines() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bus='ide'"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("Try again?"));
-    assert!(e.ok(&["dumpxml", "vm1"]).contains("bus=\"virtio\""));
+    assert!(e.ok(&["dumpxml", "vm1"]).contains("bus='virtio'"));
 }
 
 #[test]

@@ -336,7 +336,7 @@ fn vcpupin_and_cputune_set_real_thread_affinity() {
         x["xml"]
             .as_str()
             .unwrap()
-            .contains("<vcpupin vcpu=\"0\" cpuset=\"0\"/>"),
+            .contains("<vcpupin vcpu='0' cpuset='0'/>"),
         "{x}"
     );
     d.ok("POST", "/v1/domains/pin/destroy", None);

@@ -150,13 +150,10 @@ fn unknown_elements_are_kept_and_warned_once() {
     assert!(!w.contains("sysinfo/system"), "{w}");
     let dumped = d.to_xml();
     assert!(
-        dumped.contains("<entry name=\"serial\">ABC-123</entry>"),
+        dumped.contains("<entry name='serial'>ABC-123</entry>"),
         "{dumped}"
     );
-    assert!(
-        dumped.contains("<qemu:arg value=\"-no-hpet\"/>"),
-        "{dumped}"
-    );
+    assert!(dumped.contains("<qemu:arg value='-no-hpet'/>"), "{dumped}");
 }
 
 #[test]

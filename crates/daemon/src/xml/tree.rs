@@ -244,7 +244,8 @@ impl Element {
         let indent = "  ".repeat(depth);
         let _ = write!(out, "{indent}<{}", self.name);
         for (k, v) in &self.attrs {
-            let _ = write!(out, " {k}=\"{}\"", escape_attr(v));
+            // Single quotes, as libvirt writes its XML.
+            let _ = write!(out, " {k}='{}'", escape_attr(v));
         }
         if self.children.is_empty() {
             out.push_str("/>\n");
@@ -327,7 +328,7 @@ fn escape_text(s: &str) -> String {
 }
 
 fn escape_attr(s: &str) -> String {
-    escape_text(s).replace('"', "&quot;")
+    escape_text(s).replace('\'', "&apos;")
 }
 
 #[cfg(test)]
@@ -343,11 +344,11 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_text_attrs_comments() {
-        let src = "<a x=\"1 &amp; 2\"><!-- keep --><b>t&lt;</b><c/><d>mixed <e/> text</d></a>";
+        let src = "<a x=\"1 &amp; 2 'q'\"><!-- keep --><b>t&lt;</b><c/><d>mixed <e/> text</d></a>";
         let tree = Element::parse(src).unwrap();
         let again = Element::parse(&tree.to_xml()).unwrap();
         assert_eq!(strip_pos(tree.clone()), strip_pos(again));
-        assert_eq!(tree.attr("x"), Some("1 & 2"));
+        assert_eq!(tree.attr("x"), Some("1 & 2 'q'"));
         assert_eq!(tree.child("b").unwrap().text(), "t<");
     }
 
