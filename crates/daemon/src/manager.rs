@@ -109,14 +109,38 @@ impl Manager {
             tracing::error!("skipping a stored definition: {b}; fix or remove the file");
         }
         let mut slots = BTreeMap::new();
-        for s in stored {
-            for w in &s.domain.warnings {
-                tracing::warn!("domain {}: {w}", s.domain.def.name);
+        let mut uuids = HashSet::new();
+        for mut s in stored {
+            let name = s.domain.def.name.clone();
+            let file = store.definition_path(&name);
+            if !file.exists() || slots.contains_key(&name) {
+                tracing::error!(
+                    "skipping a definition of '{name}' stored under another file name; rename it to {}",
+                    file.display()
+                );
+                continue;
             }
-            slots.insert(
-                s.domain.def.name.clone(),
-                Slot::new(s.domain, true, s.autostart),
-            );
+            if let Some(u) = &s.domain.def.uuid {
+                if !uuids.insert(u.clone()) {
+                    tracing::error!(
+                        "skipping {}: its uuid {u} is used by another domain",
+                        file.display()
+                    );
+                    continue;
+                }
+            }
+            if s.domain.def.uuid.is_none() {
+                // A file placed by hand without <uuid>: give it one, as define would.
+                s.domain.set_uuid(&random_uuid());
+                uuids.insert(s.domain.def.uuid.clone().unwrap_or_default());
+                if let Err(e) = store.save(&s.domain) {
+                    tracing::error!("domain {name}: cannot store its generated uuid: {e}");
+                }
+            }
+            for w in &s.domain.warnings {
+                tracing::warn!("domain {name}: {w}");
+            }
+            slots.insert(name, Slot::new(s.domain, true, s.autostart));
         }
         Ok(Arc::new(Manager {
             cfg,

@@ -632,3 +632,50 @@ fn interfaces_get_taps_on_their_bridge_in_a_netns() {
     let links = String::from_utf8_lossy(&ip_in(&ns, &["-o", "link"]).stdout).into_owned();
     assert!(!links.contains("rvnet"), "{links}");
 }
+
+#[test]
+fn hand_placed_definitions_are_checked_at_start() {
+    let mut d = Daemon::start();
+    d.define("good", "");
+    d.kill9();
+    let domains = d.state_dir().join("domains");
+    // No uuid: one is generated and stored. Wrong file name, duplicate uuid, broken XML: skipped.
+    std::fs::write(domains.join("nouuid.xml"), d.xml("nouuid", "")).unwrap();
+    std::fs::write(domains.join("other-name.xml"), d.xml("misnamed", "")).unwrap();
+    let good = std::fs::read_to_string(domains.join("good.xml")).unwrap();
+    std::fs::write(
+        domains.join("twin.xml"),
+        good.replace("<name>good</name>", "<name>twin</name>"),
+    )
+    .unwrap();
+    std::fs::write(
+        domains.join("broken.xml"),
+        "<domain type='kvm'><name>broken",
+    )
+    .unwrap();
+    d.spawn();
+    let list = d.ok("GET", "/v1/domains", None);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["good", "nouuid"], "{list}");
+    assert_eq!(list[1]["uuid"].as_str().unwrap().len(), 36);
+    assert!(std::fs::read_to_string(domains.join("nouuid.xml"))
+        .unwrap()
+        .contains("<uuid>"));
+    let log = d.daemon_log();
+    for needle in [
+        "broken.xml",
+        "another file name",
+        "is used by another domain",
+    ] {
+        assert!(log.contains(needle), "{needle} not logged:\n{log}");
+    }
+    assert!(
+        domains.join("broken.xml").exists(),
+        "a bad file is left for the user to fix"
+    );
+}
