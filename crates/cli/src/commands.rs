@@ -54,6 +54,11 @@ fn print_warnings(w: &[String]) {
 }
 
 pub fn run(c: &Client, cmd: Cmd) -> Out {
+    let cmd_name = match &cmd {
+        Cmd::Domid { .. } => "domid",
+        Cmd::Domuuid { .. } => "domuuid",
+        _ => "",
+    };
     match cmd {
         Cmd::List {
             all,
@@ -154,6 +159,17 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             } else {
                 println!("{}\n", i.summary.state.as_str());
             }
+            Ok(())
+        }
+        Cmd::Domid { domain } | Cmd::Domuuid { domain } | Cmd::Domname { domain } => {
+            let i: DomainInfo = get(c, &domain, "")?;
+            let s = i.summary;
+            let out = match cmd_name {
+                "domid" => s.id.map_or("-".to_string(), |i| i.to_string()),
+                "domuuid" => s.uuid,
+                _ => s.name,
+            };
+            println!("{out}\n");
             Ok(())
         }
         Cmd::Dumpxml { domain, inactive } => {

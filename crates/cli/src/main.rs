@@ -101,6 +101,12 @@ pub enum Cmd {
         #[arg(long)]
         reason: bool,
     },
+    /// Runtime id of a domain ("-" when not running).
+    Domid { domain: String },
+    /// UUID of a domain.
+    Domuuid { domain: String },
+    /// Name of a domain given its id or UUID.
+    Domname { domain: String },
     /// Domain XML.
     Dumpxml {
         domain: String,

@@ -165,6 +165,10 @@ fn virsh_layouts_and_messages() {
         e.ok(&["dominfo", "1"]).contains("Name:           vm1"),
         "lookup by id"
     );
+    assert_eq!(e.ok(&["domid", "vm1"]), "1\n\n");
+    let uuid = e.ok(&["domuuid", "vm1"]);
+    assert_eq!(e.ok(&["domname", uuid.trim()]), "vm1\n\n");
+    assert_eq!(e.ok(&["domid", "vm2"]), "-\n\n");
     let blk = e.ok(&["domblklist", "vm1"]);
     assert!(blk.starts_with(" Target   Source\n---"), "{blk}");
     assert!(blk.contains(" vda      /"), "{blk}");
