@@ -54,11 +54,6 @@ fn print_warnings(w: &[String]) {
 }
 
 pub fn run(c: &Client, cmd: Cmd) -> Out {
-    let cmd_name = match &cmd {
-        Cmd::Domid { .. } => "domid",
-        Cmd::Domuuid { .. } => "domuuid",
-        _ => "",
-    };
     match cmd {
         Cmd::List {
             all,
@@ -161,17 +156,9 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             }
             Ok(())
         }
-        Cmd::Domid { domain } | Cmd::Domuuid { domain } | Cmd::Domname { domain } => {
-            let i: DomainInfo = get(c, &domain, "")?;
-            let s = i.summary;
-            let out = match cmd_name {
-                "domid" => s.id.map_or("-".to_string(), |i| i.to_string()),
-                "domuuid" => s.uuid,
-                _ => s.name,
-            };
-            println!("{out}\n");
-            Ok(())
-        }
+        Cmd::Domid { domain } => field(c, &domain, |s| s.id.map_or("-".into(), |i| i.to_string())),
+        Cmd::Domuuid { domain } => field(c, &domain, |s| s.uuid),
+        Cmd::Domname { domain } => field(c, &domain, |s| s.name),
         Cmd::Dumpxml { domain, inactive } => {
             let x: XmlBody = get(
                 c,
@@ -290,6 +277,13 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             man(&dir).map_err(|e| vec![format!("cannot write man pages to {}: {e}", dir.display())])
         }
     }
+}
+
+/// domid/domuuid/domname: one field of the domain, virsh-style.
+fn field(c: &Client, d: &str, pick: impl FnOnce(DomainSummary) -> String) -> Out {
+    let i: DomainInfo = get(c, d, "")?;
+    println!("{}\n", pick(i.summary));
+    Ok(())
 }
 
 fn list(c: &Client, all: bool, inactive: bool, name: bool, uuid: bool, json: bool) -> Out {
