@@ -173,7 +173,8 @@ pub fn measure(a: MeasureArgs) -> Result<u8> {
             while pos < size {
                 let e = img.map_extent(pos, size - pos)?;
                 let mut n = e.length.max(1);
-                if e.data {
+                // Ranges that read as zeroes need no data clusters.
+                if e.data && !e.zero {
                     n = (pos + n).next_multiple_of(cs) - pos;
                     required += pos % cs + n;
                 }

@@ -201,20 +201,18 @@ impl State {
                     continue;
                 }
                 match c {
-                    Cluster::Normal { host, .. } if host != 0 => {
+                    Cluster::Normal { host, .. } | Cluster::Zero { host, .. } if host != 0 => {
                         refs.report.allocated_clusters += 1;
                         if last_host.is_some_and(|h| h + cs != host) {
                             refs.report.fragmented_clusters += 1;
                         }
                         last_host = Some(host);
                     }
-                    Cluster::Compressed { host, .. } => {
+                    Cluster::Compressed { .. } => {
+                        // Compressed clusters count as fragmented by nature (as QEMU counts).
                         refs.report.allocated_clusters += 1;
                         refs.report.compressed_clusters += 1;
-                        if last_host.is_some_and(|h| h + cs != host / cs * cs) {
-                            refs.report.fragmented_clusters += 1;
-                        }
-                        last_host = Some(host / cs * cs);
+                        refs.report.fragmented_clusters += 1;
                     }
                     _ => {}
                 }

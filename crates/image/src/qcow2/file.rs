@@ -65,6 +65,32 @@ impl ImgFile {
             .map_err(|e| Error::io("flush", &self.path, e))
     }
 
+    /// The data or hole segment of the file containing `off`: (start, end, is_hole). Past the
+    /// end of the file, or where seeking for holes is not supported, everything is data.
+    pub fn segment(&self, off: u64) -> Result<(u64, u64, bool)> {
+        use std::os::unix::io::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on an open fd has no memory effects.
+            let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64)
+        };
+        let len = self.len()?;
+        if off >= len {
+            return Ok((off, u64::MAX, false));
+        }
+        Ok(match seek(libc::SEEK_DATA) {
+            Some(d) if d > off => (off, d, true),
+            Some(_) => (
+                off,
+                seek(libc::SEEK_HOLE).unwrap_or(len).max(off + 1),
+                false,
+            ),
+            // ENXIO: only a hole from here to the end of the file.
+            None => (off, len, true),
+        })
+    }
+
     pub fn corrupt(&self, what: String) -> Error {
         Error::Corrupt {
             path: self.path.clone(),

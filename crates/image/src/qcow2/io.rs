@@ -662,7 +662,9 @@ impl State {
         };
         let state = match c {
             Cluster::Unallocated => None,
-            Cluster::Zero { .. } => Some((true, false, None)),
+            Cluster::Zero { host: 0, .. } => Some((true, false, None)),
+            // Preallocated zero clusters still point at their host cluster.
+            Cluster::Zero { host, .. } => Some((true, false, Some(host + in_c))),
             Cluster::Compressed { .. } => {
                 e.compressed = true;
                 Some((false, true, None))
@@ -671,7 +673,12 @@ impl State {
                 host, alloc, zero, ..
             } => {
                 if alloc == u32::MAX {
-                    Some((false, true, Some(host + in_c)))
+                    // Data clusters whose host range is a hole in the file (preallocated
+                    // metadata) read as zeroes, and map says so, as qemu-img does.
+                    let (hole, len) = self.host_segment(host + in_c, n)?;
+                    n = len;
+                    e.length = n;
+                    Some((hole, true, Some(host + in_c)))
                 } else {
                     let sub = cs / 32;
                     let s = (in_c / sub) as u32;
@@ -696,6 +703,21 @@ impl State {
             }
             None => self.map_backing(e),
         }
+    }
+
+    /// Whether the image file has a hole at `off`, and for how many of the next `len` bytes
+    /// that stays so. The last SEEK_DATA / SEEK_HOLE answer is kept, so a sequential map
+    /// costs a few seeks, not two per cluster.
+    fn host_segment(&mut self, off: u64, len: u64) -> Result<(bool, u64)> {
+        let seg = match self.host_seg {
+            Some(seg) if off >= seg.0 && off < seg.1 => seg,
+            _ => {
+                let seg = self.f.segment(off)?;
+                self.host_seg = Some(seg);
+                seg
+            }
+        };
+        Ok((seg.2, len.min(seg.1 - off)))
     }
 
     /// Fills in `e` from the backing chain (depth 1 and below).

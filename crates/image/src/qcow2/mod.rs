@@ -60,6 +60,8 @@ pub(crate) struct State {
     marked_dirty: bool,
     /// Last inflated compressed cluster: (host entry, data).
     comp_cache: Option<(u64, Vec<u8>)>,
+    /// Last data/hole segment of the image file seen by map: (start, end, is_hole).
+    host_seg: Option<(u64, u64, bool)>,
 }
 
 impl Qcow2 {
@@ -241,6 +243,7 @@ impl State {
             comp_next: 0,
             marked_dirty: false,
             comp_cache: None,
+            host_seg: None,
             f,
             hdr,
         })
@@ -337,6 +340,8 @@ impl State {
 
     /// Sets the dirty bit before the first write of a lazy-refcounts image.
     fn mark_dirty(&mut self) -> Result<()> {
+        // Every write path passes here: the file's holes may change.
+        self.host_seg = None;
         if self.marked_dirty || self.hdr.compatible & header::COMPAT_LAZY_REFCOUNTS == 0 {
             return Ok(());
         }
