@@ -704,3 +704,81 @@ fn qemu_internal_snapshots_apply_and_delete() {
     qemu_compare(&path, &first);
     assert!(raw("second") == second, "the other snapshot is intact");
 }
+
+#[test]
+fn corrupt_metadata_found_by_a_write_sets_the_corrupt_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.qcow2");
+    create(&path, 1 << 20, |_| {});
+    {
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.write_at(&[1; 512], 0).unwrap();
+    }
+    // Point the first L2 entry at an unaligned host offset.
+    let mut data = std::fs::read(&path).unwrap();
+    let l1 = u64::from_be_bytes(data[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(data[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    data[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | 0x30200).to_be_bytes());
+    std::fs::write(&path, &data).unwrap();
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    let err = img.write_at(&[2; 512], 0).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("check -r all"), "{err}");
+    // Further writes are refused; the header carries the corrupt bit.
+    assert!(matches!(
+        img.write_at(&[2; 512], 4096),
+        Err(Error::ReadOnly(_))
+    ));
+    drop(img);
+    assert_eq!(std::fs::read(&path).unwrap()[79] & 2, 2);
+    assert!(matches!(
+        Qcow2::open(&path, &rw()),
+        Err(Error::Corrupt { .. })
+    ));
+    if qemu_img() {
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"corrupt\": true"));
+    }
+}
+
+#[test]
+fn unknown_header_extensions_survive_header_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ext.qcow2");
+    create(&path, 1 << 20, |_| {});
+    let mut data = std::fs::read(&path).unwrap();
+    // Insert an unknown extension right after the header fields.
+    let hl = u32::from_be_bytes(data[100..104].try_into().unwrap()) as usize;
+    let mut ext = 0x1234_5678u32.to_be_bytes().to_vec();
+    ext.extend_from_slice(&5u32.to_be_bytes());
+    ext.extend_from_slice(b"hello\0\0\0");
+    let tail = data[hl..65536 - ext.len()].to_vec();
+    data[hl..hl + ext.len()].copy_from_slice(&ext);
+    data[hl + ext.len()..65536].copy_from_slice(&tail);
+    std::fs::write(&path, &data).unwrap();
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    img.set_backing(Some("other.raw"), Some("raw")).unwrap();
+    img.amend(None, Some(true)).unwrap();
+    drop(img);
+    let h = Qcow2::open(
+        &path,
+        &OpenOptions {
+            read_only: true,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .header();
+    assert!(h
+        .extensions
+        .iter()
+        .any(|(k, d)| *k == 0x1234_5678 && d == b"hello"));
+    assert_eq!(h.backing_file.as_deref(), Some("other.raw"));
+    assert_eq!(h.compatible & 1, 1);
+}

@@ -406,6 +406,25 @@ impl State {
     }
 }
 
+impl State {
+    /// A write that found corrupt metadata marks the image corrupt (v3) and stops writing to
+    /// it, as QEMU does, so the damage does not spread; `check -r all` repairs and clears it.
+    fn on_error(&mut self, r: Result<()>) -> Result<()> {
+        if let Err(Error::Corrupt { what, .. }) = &r {
+            log::error!(
+                "{}: marking the image corrupt: {what}",
+                self.f.path.display()
+            );
+            self.read_only = true;
+            if self.hdr.version >= 3 {
+                self.hdr.incompatible |= INCOMPAT_CORRUPT;
+                let _ = self.write_incompat().and_then(|()| self.f.sync());
+            }
+        }
+        r
+    }
+}
+
 impl Drop for State {
     fn drop(&mut self) {
         if self.marked_dirty {
@@ -454,7 +473,8 @@ impl BlockDevice for Qcow2 {
         crate::check_range(offset, buf.len() as u64, self.size())?;
         let mut st = self.st();
         st.check_writable()?;
-        st.write(buf, offset)
+        let r = st.write(buf, offset);
+        st.on_error(r)
     }
 
     fn flush(&self) -> Result<()> {
@@ -476,14 +496,16 @@ impl BlockDevice for Qcow2 {
         crate::check_range(offset, len, self.size())?;
         let mut st = self.st();
         st.check_writable()?;
-        st.discard(offset, len)
+        let r = st.discard(offset, len);
+        st.on_error(r)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         crate::check_range(offset, len, self.size())?;
         let mut st = self.st();
         st.check_writable()?;
-        st.write_zeroes(offset, len, may_unmap)
+        let r = st.write_zeroes(offset, len, may_unmap);
+        st.on_error(r)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
