@@ -2,6 +2,9 @@
 
 pub mod interrupt;
 pub mod pci;
+#[doc(hidden)]
+pub mod ratelimit;
+pub mod virtio;
 
 pub use interrupt::{InterruptError, IoEventRegistry, MsiMessage, MsiRouting, MsiVector};
 

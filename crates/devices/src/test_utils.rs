@@ -56,37 +56,49 @@ impl MsiRouting for StubRouting {
     }
 }
 
-#[allow(dead_code)]
-/// Records ioeventfd registrations as (address, registered?) and keeps a clone of each fd.
+/// Records ioeventfd registrations as (address, registered?) and keeps a clone of each live
+/// fd, so a test can signal an address the way KVM does on a guest write.
 #[derive(Default)]
 pub struct StubIoEvents {
     pub events: Mutex<Vec<(u64, bool)>>,
+    live: Mutex<Vec<(u64, EventFd)>>,
 }
 
 #[allow(dead_code)]
 impl StubIoEvents {
     /// Addresses registered now.
     pub fn registered(&self) -> Vec<u64> {
-        let mut live: Vec<u64> = Vec::new();
-        for (addr, on) in self.events.lock().unwrap().iter() {
-            if *on {
-                live.push(*addr);
-            } else if let Some(i) = live.iter().position(|a| a == addr) {
-                live.remove(i);
-            }
-        }
+        let mut live: Vec<u64> = self.live.lock().unwrap().iter().map(|x| x.0).collect();
         live.sort_unstable();
         live
+    }
+
+    /// What KVM does when the guest writes `addr`: signals the eventfd registered there.
+    /// Returns false when nothing is registered at `addr`.
+    pub fn signal(&self, addr: u64) -> bool {
+        let live = self.live.lock().unwrap();
+        match live.iter().find(|x| x.0 == addr) {
+            Some((_, fd)) => fd.write(1).is_ok(),
+            None => false,
+        }
     }
 }
 
 impl IoEventRegistry for StubIoEvents {
-    fn register(&self, addr: u64, _fd: &EventFd) -> Result<(), InterruptError> {
+    fn register(&self, addr: u64, fd: &EventFd) -> Result<(), InterruptError> {
         self.events.lock().unwrap().push((addr, true));
+        self.live
+            .lock()
+            .unwrap()
+            .push((addr, fd.try_clone().unwrap()));
         Ok(())
     }
     fn unregister(&self, addr: u64, _fd: &EventFd) -> Result<(), InterruptError> {
         self.events.lock().unwrap().push((addr, false));
+        let mut live = self.live.lock().unwrap();
+        if let Some(i) = live.iter().position(|x| x.0 == addr) {
+            live.remove(i);
+        }
         Ok(())
     }
 }

@@ -1,0 +1,166 @@
+//! Device worker threads: one epoll loop per device over its queue eventfds, its backend fds
+//! and a kill eventfd. Device I/O never runs on a vCPU thread.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const KILL_TOKEN: u64 = u64::MAX;
+
+/// Lets a handler turn readiness interest in one of its fds on or off (e.g. virtio-net stops
+/// watching the TAP while the guest has no receive buffers, so the loop never spins).
+pub struct WorkerCtl<'a> {
+    epoll: &'a Epoll,
+}
+
+impl WorkerCtl<'_> {
+    /// Watches (`on`) or ignores `fd` for input readiness, reported with `token`.
+    pub fn set_interest(&self, fd: RawFd, token: u64, on: bool) {
+        let set = if on { EventSet::IN } else { EventSet::empty() };
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
+        {
+            warn!("worker: cannot change interest of fd {fd}: {e}");
+        }
+    }
+}
+
+/// What the loop does after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerAction {
+    /// Keep serving.
+    Continue,
+    /// The device is broken (NEEDS_RESET was set): stop serving until reset.
+    Stop,
+}
+
+/// The per-device event handler run by a worker thread.
+pub trait WorkerHandler: Send + 'static {
+    /// Handles readiness of the fd registered with `token`.
+    fn handle_event(&mut self, token: u64, ctl: &WorkerCtl<'_>) -> WorkerAction;
+}
+
+/// A running worker; dropping it (or [`Worker::stop`]) stops and joins the thread.
+#[derive(Debug)]
+pub struct Worker {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts thread `name` watching `fds` as (fd, token) pairs for input.
+    pub fn spawn<H: WorkerHandler>(
+        name: String,
+        fds: &[(RawFd, u64)],
+        mut handler: H,
+    ) -> io::Result<Worker> {
+        let kill = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+        )?;
+        for &(fd, token) in fds {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        let fds = fds.to_vec();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || run(&name, &epoll, &fds, &mut handler))?;
+        Ok(Worker {
+            kill,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if let Err(e) = self.kill.write(1) {
+                error!("worker: cannot signal stop: {e}");
+            }
+            if t.join().is_err() {
+                error!("worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run<H: WorkerHandler>(name: &str, epoll: &Epoll, fds: &[(RawFd, u64)], handler: &mut H) {
+    let mut events = [EpollEvent::default(); 16];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("{name}: epoll_wait failed, worker stops: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == KILL_TOKEN {
+                return;
+            }
+            let ctl = WorkerCtl { epoll };
+            if handler.handle_event(token, &ctl) == WorkerAction::Stop {
+                // A broken device serves nothing until the driver resets it (which kills this
+                // thread): stop watching everything but the kill eventfd, so it costs no CPU.
+                for &(fd, token) in fds {
+                    ctl.set_interest(fd, token, false);
+                }
+                wait_for_kill(name, epoll);
+                return;
+            }
+        }
+    }
+}
+
+fn wait_for_kill(name: &str, epoll: &Epoll) {
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        match epoll.wait(-1, &mut events) {
+            Ok(n) if events[..n].iter().any(|e| e.data() == KILL_TOKEN) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error!("{name}: epoll_wait failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Turns the outcome of a queue drain into the loop's next step: a corrupt ring marks the
+/// device NEEDS_RESET (the driver then resets it, which stops this worker) instead of
+/// panicking or spinning.
+pub(crate) fn ring_result(
+    device: &str,
+    result: Result<(), super::queue::RingError>,
+    irq: &super::VirtioInterrupt,
+) -> WorkerAction {
+    match result {
+        Ok(()) => WorkerAction::Continue,
+        Err(e) => {
+            crate::guest_warn!("{device}: {e}; device needs reset");
+            irq.set_needs_reset();
+            WorkerAction::Stop
+        }
+    }
+}
