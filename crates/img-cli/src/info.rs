@@ -42,12 +42,21 @@ impl From<&SnapshotInfo> for SnapshotJson {
 }
 
 #[derive(Serialize)]
+struct BitmapJson {
+    flags: Vec<&'static str>,
+    name: String,
+    granularity: u64,
+}
+
+#[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Qcow2Specific {
     compat: String,
     compression_type: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bitmaps: Option<Vec<BitmapJson>>,
     refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     corrupt: Option<bool>,
@@ -113,6 +122,17 @@ pub fn describe(path: &Path, img: &Image) -> Result<ImageInfo> {
                 compat: if v3 { "1.1" } else { "0.10" }.into(),
                 compression_type: h.compression.name().into(),
                 lazy_refcounts: v3.then_some(h.compatible & 1 != 0),
+                bitmaps: Some(
+                    q.bitmaps()?
+                        .into_iter()
+                        .map(|b| BitmapJson {
+                            flags: b.flags,
+                            name: b.name,
+                            granularity: b.granularity,
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .filter(|b| !b.is_empty()),
                 refcount_bits: h.refcount_bits(),
                 corrupt: v3.then_some(h.incompatible & 2 != 0),
                 extended_l2: v3.then_some(h.extended_l2()),
@@ -213,6 +233,19 @@ fn human_info(i: &ImageInfo) -> String {
         s += &format!("    compression type: {}\n", d.compression_type);
         if let Some(l) = d.lazy_refcounts {
             s += &format!("    lazy refcounts: {l}\n");
+        }
+        if let Some(bitmaps) = &d.bitmaps {
+            s += "    bitmaps:\n";
+            for (i, b) in bitmaps.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (j, f) in b.flags.iter().enumerate() {
+                    s += &format!("                [{j}]: {f}\n");
+                }
+                s += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
+            }
         }
         s += &format!("    refcount bits: {}\n", d.refcount_bits);
         if let Some(c) = d.corrupt {

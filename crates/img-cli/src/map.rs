@@ -156,10 +156,25 @@ pub fn qcow2_full_size(size: u64, o: &CreateOptions) -> u64 {
     meta + aligned
 }
 
+/// Space the source's persistent bitmaps take in an output with `cs`-byte clusters: each
+/// bitmap fully allocated, its table, and the directory.
+fn bitmaps_bytes(list: &[rvirt_image::qcow2::bitmaps::BitmapInfo], size: u64, cs: u64) -> u64 {
+    let mut total = 0;
+    let mut dir = 0;
+    for b in list {
+        let bits = size.div_ceil(b.granularity);
+        let clusters = bits.div_ceil(8).div_ceil(cs);
+        total += clusters * cs + (clusters * 8).next_multiple_of(cs);
+        dir += (24 + b.name.len() as u64).next_multiple_of(8);
+    }
+    total + dir.next_multiple_of(cs)
+}
+
 pub fn measure(a: MeasureArgs) -> Result<u8> {
     let out_format: Format = a.out_format.parse()?;
     let mut o = CreateOptions::default();
     apply_create_options(&mut o, out_format, &split_options(&a.options))?;
+    let mut bitmaps_size = 0;
     let (virtual_size, data, bitmaps) = match (&a.size, &a.filename) {
         (Some(_), Some(_)) => bail!("give either --size or an image to measure, not both"),
         (None, None) => bail!("give --size or an image to measure"),
@@ -181,6 +196,9 @@ pub fn measure(a: MeasureArgs) -> Result<u8> {
                 pos += n;
             }
             let v3 = o.version >= 3 && out_format == Format::Qcow2;
+            if let Some(q) = img.as_qcow2() {
+                bitmaps_size = bitmaps_bytes(&q.bitmaps()?, size, cs);
+            }
             (
                 size.next_multiple_of(cs),
                 required,
@@ -196,7 +214,7 @@ pub fn measure(a: MeasureArgs) -> Result<u8> {
         }
     };
     let j = MeasureJson {
-        bitmaps: bitmaps.then_some(0),
+        bitmaps: bitmaps.then_some(bitmaps_size),
         required,
         fully_allocated: full,
     };
@@ -205,7 +223,7 @@ pub fn measure(a: MeasureArgs) -> Result<u8> {
         Output::Human => {
             println!("required size: {required}\nfully allocated size: {full}");
             if bitmaps {
-                println!("bitmaps size: 0");
+                println!("bitmaps size: {bitmaps_size}");
             }
         }
     }

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use rvirt_image::BlockDevice;
 use serde_json::Value;
 
 fn have_qemu() -> bool {
@@ -173,7 +174,15 @@ fn json_of_check_map_measure_matches_qemu() {
         "4M",
     ]);
     qemu_io(&pre, &["write -z 1m 1m", "write -P 3 3m 4k"]);
-    for img in [&base, &top, &comp, &raw, &pre] {
+    // Persistent dirty bitmaps made by qemu-img.
+    let bm = d.p("bitmaps.qcow2");
+    qok(&["create", "-q", "-f", "qcow2", &bm, "64M"]);
+    qemu_io(&bm, &["write -P 1 0 8m"]);
+    qok(&["bitmap", "--add", &bm, "b0"]);
+    qok(&["bitmap", "--add", "-g", "512k", &bm, "b1"]);
+    qemu_io(&bm, &["write -P 2 0 1m"]);
+    assert_eq!(rvok(&["info", &bm]), qok(&["info", &bm]));
+    for img in [&base, &top, &comp, &raw, &pre, &bm] {
         let is_raw = img.ends_with(".raw");
         for cmd in [
             vec!["check", "--output=json"],
@@ -199,6 +208,13 @@ fn json_of_check_map_measure_matches_qemu() {
             assert_eq!(ours, theirs, "{args:?}");
         }
     }
+    // Writing through rvirt drops the bitmaps (it does not maintain them) without leaks.
+    let img = rvirt_image::open_image(Path::new(&bm), None, &Default::default()).unwrap();
+    img.write_at(&[7; 4096], 0).unwrap();
+    drop(img);
+    qcheck(&bm);
+    let i = json(&qok(&["info", "--output=json", &bm]));
+    assert!(i["format-specific"]["data"].get("bitmaps").is_none(), "{i}");
     // Human map output too.
     assert_eq!(rvok(&["map", &top]), qok(&["map", &top]));
     assert_eq!(

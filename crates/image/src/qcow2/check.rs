@@ -147,6 +147,13 @@ impl State {
                 "snapshot table",
             );
         }
+        if let Some((off, len)) = super::bitmaps::directory_range(&self.hdr) {
+            refs.add(off, len, "bitmap directory");
+            let list = super::bitmaps::load(&self.f, &self.hdr)?;
+            for (off, len) in super::bitmaps::ranges(&self.f, &list, cs)? {
+                refs.add(off, len, "bitmap");
+            }
+        }
         for (off, l1) in self.snapshot_l1s()? {
             refs.add(off, l1.len() as u64 * 8, "snapshot L1 table");
             self.count_tree(&l1, &mut refs, false)?;

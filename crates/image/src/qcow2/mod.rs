@@ -1,6 +1,7 @@
 //! qcow2 images (QEMU's docs/interop/qcow2): v2 and v3, with backing chains, compressed
 //! clusters, internal snapshots, lazy refcounts and extended L2 entries.
 
+pub mod bitmaps;
 mod check;
 mod compress;
 mod create;
@@ -145,6 +146,12 @@ impl Qcow2 {
     /// Checks metadata consistency, optionally repairing.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
         self.st().check(repair)
+    }
+
+    /// Persistent dirty bitmaps recorded in the image (none once rvirt has written to it).
+    pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
+        let st = self.st();
+        bitmaps::load(&st.f, &st.hdr)
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
@@ -300,8 +307,32 @@ impl State {
             self.write_incompat()?;
         }
         if self.hdr.autoclear != 0 {
+            // We do not keep dirty bitmaps up to date: drop them (header first, then their
+            // clusters, so a crash leaks at worst) rather than leave stale ones behind.
+            let cs = self.cs();
+            let dir = bitmaps::directory_range(&self.hdr);
+            let mut ranges = Vec::new();
+            if let Some((off, len)) = dir {
+                let list = bitmaps::load(&self.f, &self.hdr)?;
+                ranges = bitmaps::ranges(&self.f, &list, cs)?;
+                ranges.push((off, len));
+                log::warn!(
+                    "{}: dropping {} persistent dirty bitmap(s), which rvirt does not maintain",
+                    self.f.path.display(),
+                    list.len()
+                );
+            }
+            self.hdr
+                .extensions
+                .retain(|(k, _)| *k != bitmaps::EXT_BITMAPS);
             self.hdr.autoclear = 0;
             self.write_header()?;
+            self.f.sync()?;
+            for (off, len) in ranges {
+                let first = off / cs;
+                let n = (off + len.max(1) - 1) / cs - first + 1;
+                self.rc.adjust(first, n, -1, &[])?;
+            }
         }
         Ok(())
     }
