@@ -6,6 +6,7 @@
 //! thread (epoll) pops descriptor chains with `virtio-queue`, does the I/O, fills the used ring
 //! → the worker raises the queue's MSI-X vector (an irqfd) → the guest.
 
+pub mod block;
 mod device;
 mod queue;
 pub mod rng;
