@@ -62,6 +62,9 @@ list_med=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 11p)
 list_max=$(printf '%s\n' "${times[@]}" | sort -n | tail -1)
 list_json=$( { t0=$(now); R list --all --json > /dev/null; t1=$(now); ms "$t0" "$t1"; } )
 
+# API round trips (no CLI process): one domain, and the whole list.
+read -r one50 one99 all50 all99 < <(python3 bench/daemon/api_latency.py "$SOCK" cli1 500)
+
 # rvirt start -> VMM answering on its control socket (the CLI returns when it does).
 st=()
 for i in $(seq 1 10); do
@@ -89,6 +92,8 @@ echo "| --- | --- |"
 echo "| domains defined | $count |"
 echo "| \`rvirt list --all\`, $count domains, median of 21 (max) | ${list_med} ms (${list_max} ms) |"
 echo "| \`rvirt list --all --json\`, $count domains | ${list_json} ms |"
+echo "| API GET /v1/domains/NAME, p50 / p99 of 500 | ${one50} / ${one99} ms |"
+echo "| API GET /v1/domains ($count), p50 / p99 of 500 | ${all50} / ${all99} ms |"
 echo "| define rate, \`rvirt define FILE\` one process each | ${cli_rate} /s |"
 echo "| define rate, API, 8 parallel clients | ${api_rate} /s |"
 echo "| \`rvirt start\` -> VMM control socket answering (fake VMM), median of 10 | ${start_med} ms |"

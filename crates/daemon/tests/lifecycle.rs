@@ -679,3 +679,24 @@ fn hand_placed_definitions_are_checked_at_start() {
         "a bad file is left for the user to fix"
     );
 }
+
+#[test]
+fn sigterm_stops_the_daemon_but_not_the_vms() {
+    let mut d = Daemon::start();
+    d.define("t9", "");
+    d.ok("POST", "/v1/domains/t9/start", None);
+    let pid = d.pid("t9").unwrap();
+    let mut child = d.child.take().unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", d.daemon_log());
+    assert!(!d.socket().exists(), "socket removed on a clean stop");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM kept running"
+    );
+    d.spawn();
+    assert_eq!(d.pid("t9"), Some(pid));
+    d.ok("POST", "/v1/domains/t9/destroy", None);
+}
