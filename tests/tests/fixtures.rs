@@ -22,3 +22,15 @@ fn qemu_boots_the_guest_fixture_with_every_check_passing() {
         "qemu.disk",
     ]);
 }
+
+#[test]
+fn kvm_probe_sees_native_kvm_in_the_test_host() {
+    if let Some(why) = TestHost::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let scenario = Scenario::file("kvm-probe.sh").bin("rvirt-kvm-probe");
+    let out = TestHost::run(&scenario).expect("test host run");
+    eprintln!("{}", out.summary());
+    out.expect_passed(&["probe.native"]);
+}
