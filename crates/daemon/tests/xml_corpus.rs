@@ -245,3 +245,33 @@ fn invalid_values_name_the_element_and_place() {
     assert!(matches!(err, DomainXmlError::Syntax(_)), "{err}");
     assert!(err.to_string().contains("line "), "{err}");
 }
+
+#[test]
+fn live_virsh_dumpxml_is_accepted_with_few_warnings() {
+    let d = load("virsh-dumpxml-running.xml");
+    let def = &d.def;
+    assert_eq!(def.name, "debian12");
+    assert_eq!(def.interfaces[0].target.as_deref(), Some("vnet2"));
+    assert_eq!(def.graphics[0].port, Some(5900));
+    assert_eq!(
+        def.cmdline.as_deref(),
+        Some("root=/dev/vda1 console=ttyS0 net.ifnames=0")
+    );
+    // Runtime-only details (aliases, pty paths, backingStore, seclabel) are not warned about.
+    let w = d.warnings.join("\n");
+    assert_eq!(d.warnings.len(), 2, "{w}");
+    assert!(
+        w.contains("<devices/audio>") && w.contains("<devices/memballoon/stats>"),
+        "{w}"
+    );
+}
+
+#[test]
+fn byte_units_and_hotplug_vcpus() {
+    let def = load("bytes-and-gigabytes.xml").def;
+    assert_eq!(def.memory_kib, 2 << 20);
+    assert_eq!(def.current_memory_kib, 1 << 20);
+    assert_eq!((def.vcpus, def.vcpus_current), (4, 1));
+    assert_eq!(def.on_poweroff, LifecycleAction::Restart);
+    assert_eq!(def.disks[0].cache.as_deref(), Some("unsafe"));
+}

@@ -285,6 +285,9 @@ const QUIET: &[&str] = &[
     "devices/disk/boot",
     "devices/interface/boot",
     "devices/serial/target/model",
+    "devices/serial/source",
+    "devices/console/source",
+    "devices/disk/backingStore*",
 ];
 
 fn is_quiet(path: &str) -> bool {
