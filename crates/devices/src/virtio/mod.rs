@@ -8,6 +8,7 @@
 
 pub mod block;
 mod device;
+pub mod net;
 mod queue;
 pub mod rng;
 mod transport;

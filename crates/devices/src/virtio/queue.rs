@@ -14,7 +14,6 @@ use crate::GuestMemory;
 pub(crate) enum ChainOutcome {
     /// The chain is done; `len` bytes were written into its device-writable buffers.
     Used(u32),
-    #[allow(dead_code)] // used by virtio-net rx
     /// The chain cannot be served now (e.g. no frame to receive): put it back and stop.
     Retry,
 }
@@ -120,16 +119,5 @@ impl QueueIo {
             irq.signal_queue(index);
         }
         Ok(())
-    }
-
-    #[allow(dead_code)] // used by virtio-net rx
-    /// Whether the driver has made chains available that were not served yet.
-    pub fn has_available(&self, mem: &GuestMemory) -> Result<bool, RingError> {
-        let index = self.index;
-        let avail = self
-            .queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(|source| RingError { index, source })?;
-        Ok(avail.0 != self.queue.next_avail())
     }
 }

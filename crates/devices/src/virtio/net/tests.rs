@@ -1,0 +1,303 @@
+//! virtio-net driven through the PCI transport by the fake driver, over a datagram socketpair
+//! standing in for the TAP (same framing: one frame with its vnet header per datagram).
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use virtio_bindings::virtio_net::*;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::testing::*;
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const RXBUF: u64 = DATA;
+const TXBUF: u64 = DATA + 0x10_0000;
+
+/// A socket backend that records offload settings and refuses the flags in `refuse`.
+#[derive(Debug)]
+struct Recording {
+    inner: PacketSocket,
+    refuse: u32,
+    offloads: Mutex<Vec<u32>>,
+}
+
+impl NetBackend for Recording {
+    fn file(&self) -> &File {
+        self.inner.file()
+    }
+    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        if flags & self.refuse != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.offloads.lock().unwrap().push(flags);
+        Ok(())
+    }
+}
+
+struct NetTest {
+    d: TestDriver,
+    rx: TestQueue,
+    tx: TestQueue,
+    peer: UnixDatagram,
+    backend: Arc<Recording>,
+    features: u64,
+}
+
+fn setup_with(wanted: u64, refuse: u32) -> NetTest {
+    let (a, b) = UnixDatagram::pair().unwrap();
+    let backend = Arc::new(Recording {
+        inner: PacketSocket::new(OwnedFd::from(a)).unwrap(),
+        refuse,
+        offloads: Mutex::default(),
+    });
+    let net = Net::new(backend.clone(), NetConfig { mac: MAC });
+    let d = TestDriver::new(Box::new(net));
+    let features = d.negotiate(wanted);
+    let rx = d.setup_queue(0, 16);
+    let tx = d.setup_queue(1, 16);
+    d.driver_ok();
+    assert!(d.dev.lock().unwrap().is_activated());
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    NetTest {
+        d,
+        rx,
+        tx,
+        peer: b,
+        backend,
+        features,
+    }
+}
+
+fn setup() -> NetTest {
+    setup_with(!0, 0)
+}
+
+fn frame(len: usize, tag: u8) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend((0..len).map(|i| tag.wrapping_add(i as u8)));
+    f
+}
+
+impl NetTest {
+    fn counter(&self, name: &str) -> u64 {
+        let c = self.d.dev.lock().unwrap().counters();
+        c.iter().find(|c| c.0 == name).unwrap().1
+    }
+
+    fn post_rx(&mut self, addr: u64, len: u32) {
+        self.rx.add_chain(&self.d.mem, &[(addr, len, true)]);
+        self.d.kick(0);
+    }
+
+    fn guest(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.d.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+#[test]
+fn config_and_offered_features() {
+    let t = setup();
+    assert_eq!(t.d.cfg_read32(0) >> 16, 0x1041);
+    assert_eq!(t.d.cfg_read32(8) >> 8, 0x02_0000, "Ethernet controller");
+    let mac: Vec<u8> = (0..6).map(|i| t.d.device_cfg(i, 1) as u8).collect();
+    assert_eq!(mac, MAC);
+    assert_eq!(t.d.device_cfg(6, 2), u64::from(VIRTIO_NET_S_LINK_UP));
+    for f in [
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_UFO,
+    ] {
+        assert_ne!(t.features & (1 << f), 0, "feature {f} offered");
+    }
+    assert_eq!(t.features & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+}
+
+#[test]
+fn offloads_follow_the_negotiated_features() {
+    let t = setup();
+    let all = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO;
+    assert_eq!(t.backend.offloads.lock().unwrap().last(), Some(&all));
+
+    let t = setup_with(
+        (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4),
+        0,
+    );
+    assert_eq!(
+        t.backend.offloads.lock().unwrap().last(),
+        Some(&(TUN_F_CSUM | TUN_F_TSO4))
+    );
+
+    let t = setup_with(1 << VIRTIO_NET_F_MAC, 0);
+    assert_eq!(t.backend.offloads.lock().unwrap().last(), Some(&0));
+
+    // A TAP without UFO support: UFO is not offered at all.
+    let t = setup_with(!0, TUN_F_UFO);
+    assert_eq!(t.features & (1 << VIRTIO_NET_F_GUEST_UFO), 0);
+    assert_eq!(t.features & (1 << VIRTIO_NET_F_HOST_UFO), 0);
+    assert_ne!(t.features & (1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+    assert_eq!(
+        tun_offload_flags(1 << VIRTIO_NET_F_GUEST_TSO4),
+        0,
+        "TSO without GUEST_CSUM is not enabled"
+    );
+}
+
+#[test]
+fn transmit_reaches_the_backend() {
+    let mut t = setup();
+    let f = frame(60, 7);
+    t.d.mem
+        .write_slice(&f[..VNET_HDR_LEN], GuestAddress(TXBUF))
+        .unwrap();
+    t.d.mem
+        .write_slice(&f[VNET_HDR_LEN..], GuestAddress(TXBUF + 0x1000))
+        .unwrap();
+    let head = t.tx.add_chain(
+        &t.d.mem,
+        &[
+            (TXBUF, VNET_HDR_LEN as u32, false),
+            (TXBUF + 0x1000, 60, false),
+        ],
+    );
+    t.d.kick(1);
+    let mut got = vec![0u8; 2048];
+    let n = t.peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &f[..]);
+    assert_eq!(t.tx.wait_used(&t.d.mem), Some((u32::from(head), 0)));
+    assert!(t.d.wait_irq(2) >= 1, "tx queue vector");
+    assert_eq!(t.counter("tx_frames"), 1);
+    assert_eq!(t.counter("tx_bytes"), 60);
+}
+
+#[test]
+fn receive_fills_posted_buffers() {
+    let mut t = setup();
+    t.post_rx(RXBUF, 2048);
+    let f = frame(100, 3);
+    t.peer.send(&f).unwrap();
+    let (_, len) = t.rx.wait_used(&t.d.mem).expect("frame received");
+    assert_eq!(len as usize, f.len());
+    let got = t.guest(RXBUF, f.len());
+    assert_eq!(&got[12..], &f[12..]);
+    assert_eq!(&got[10..12], &1u16.to_le_bytes(), "num_buffers = 1");
+    assert!(t.d.wait_irq(1) >= 1, "rx queue vector");
+    assert_eq!(t.counter("rx_frames"), 1);
+}
+
+#[test]
+fn frames_wait_for_receive_buffers() {
+    let mut t = setup();
+    for tag in 0..3u8 {
+        t.peer.send(&frame(64, tag * 50)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(t.rx.used_idx(&t.d.mem), 0, "no buffers, nothing received");
+    for i in 0..3u64 {
+        t.rx.add_chain(&t.d.mem, &[(RXBUF + i * 0x1000, 2048, true)]);
+    }
+    t.d.kick(0);
+    for i in 0..3u64 {
+        let (id, len) = t.rx.wait_used(&t.d.mem).expect("frame received");
+        assert_eq!(id, i as u32);
+        assert_eq!(len as usize, VNET_HDR_LEN + 64);
+        let got = t.guest(RXBUF + i * 0x1000 + VNET_HDR_LEN as u64, 64);
+        assert_eq!(got, frame(64, i as u8 * 50)[VNET_HDR_LEN..]);
+    }
+    // Later frames go straight in (the TAP is watched again).
+    t.post_rx(RXBUF + 0x8000, 2048);
+    t.peer.send(&frame(10, 9)).unwrap();
+    assert!(t.rx.wait_used(&t.d.mem).is_some());
+}
+
+#[test]
+fn receive_buffer_too_small_drops_the_frame() {
+    let mut t = setup();
+    t.rx.add_chain(&t.d.mem, &[(RXBUF, 20, true)]);
+    t.rx.add_chain(&t.d.mem, &[(RXBUF + 0x1000, 2048, true)]);
+    t.d.kick(0);
+    t.peer.send(&frame(100, 1)).unwrap();
+    assert_eq!(
+        t.rx.wait_used(&t.d.mem),
+        Some((0, 0)),
+        "small buffer returned empty"
+    );
+    t.peer.send(&frame(30, 2)).unwrap();
+    assert_eq!(
+        t.rx.wait_used(&t.d.mem),
+        Some((1, (VNET_HDR_LEN + 30) as u32))
+    );
+    assert_eq!(t.counter("rx_dropped"), 1);
+}
+
+#[test]
+fn hostile_transmit_chains_are_dropped() {
+    let mut t = setup();
+    let mem = t.d.mem.clone();
+    let chains: Vec<Vec<(u64, u32, bool)>> = vec![
+        vec![(MEM_SIZE as u64 - 8, 64, false)], // outside guest memory
+        vec![(TXBUF, 64, true)],                // device-writable
+        vec![(TXBUF, 0x1_0000, false), (TXBUF, 0x1_0000, false)], // > 64 KiB
+        vec![(TXBUF, 4, false)],                // shorter than the header
+        vec![(u64::MAX - 16, 64, false)],       // wrapping address
+    ];
+    let n = chains.len();
+    for c in &chains {
+        t.tx.add_chain(&mem, c);
+    }
+    t.d.kick(1);
+    for _ in 0..n {
+        assert_eq!(t.tx.wait_used(&mem).map(|u| u.1), Some(0));
+    }
+    assert_eq!(t.counter("tx_dropped"), n as u64);
+    t.peer.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        t.peer.recv(&mut buf).is_err(),
+        "nothing reached the backend"
+    );
+    // A good frame still goes through.
+    mem.write_slice(&frame(20, 5), GuestAddress(TXBUF)).unwrap();
+    t.tx.add_chain(&mem, &[(TXBUF, 32, false)]);
+    t.d.kick(1);
+    t.peer.set_nonblocking(false).unwrap();
+    assert_eq!(t.peer.recv(&mut buf).unwrap(), 32);
+    assert_eq!(t.d.status() & 0x40, 0);
+}
+
+#[test]
+fn hostile_receive_chains_drop_frames() {
+    let mut t = setup();
+    // A device-readable receive buffer, then one outside guest memory.
+    t.rx.add_chain(&t.d.mem, &[(RXBUF, 2048, false)]);
+    t.rx.add_chain(&t.d.mem, &[(MEM_SIZE as u64 - 16, 2048, true)]);
+    t.rx.add_chain(&t.d.mem, &[(RXBUF + 0x1000, 2048, true)]);
+    t.d.kick(0);
+    for tag in 0..3 {
+        t.peer.send(&frame(50, tag)).unwrap();
+    }
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((0, 0)));
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((1, 0)));
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((2, 62)));
+    assert_eq!(t.counter("rx_dropped"), 2);
+}
+
+#[test]
+fn tap_name_is_validated() {
+    for bad in ["", "a-very-long-tap-name", "a/b"] {
+        let e = Tap::open(bad).unwrap_err();
+        assert!(matches!(e, TapError::InvalidName(_)), "{bad}: {e}");
+    }
+}
