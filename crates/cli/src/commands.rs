@@ -2,7 +2,7 @@
 
 use crate::client::{seg, Client, ClientError};
 use crate::table::Table;
-use crate::{install, Cmd, Scope};
+use crate::{install, Cmd, ListArgs, Scope};
 use clap::CommandFactory;
 use rvirt_api::rest::*;
 use serde::de::DeserializeOwned;
@@ -55,13 +55,7 @@ fn print_warnings(w: &[String]) {
 
 pub fn run(c: &Client, cmd: Cmd) -> Out {
     match cmd {
-        Cmd::List {
-            all,
-            inactive,
-            name,
-            uuid,
-            json,
-        } => list(c, all, inactive, name, uuid, json),
+        Cmd::List(args) => list(c, &args),
         Cmd::Define { file } => {
             let xml = read_file(&file)?;
             let r: DefineResponse = c
@@ -268,6 +262,20 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             scope,
         } => emulatorpin(c, &domain, cpulist, scope),
         Cmd::Install(args) => crate::commands::install(c, &args),
+        Cmd::Version => {
+            println!(
+                "Compiled against library: rvirt {}",
+                env!("CARGO_PKG_VERSION")
+            );
+            println!("Using API: rvirtd REST v1");
+            let v: serde_json::Value = c.get("/v1/version").map_err(|e| fail(None, "", e))?;
+            println!(
+                "Running daemon: {} {}\n",
+                v["name"].as_str().unwrap_or("rvirtd"),
+                v["version"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
         Cmd::Completion { shell } => {
             let mut cmd = crate::Cli::command();
             clap_complete::generate(shell, &mut cmd, "rvirt", &mut std::io::stdout());
@@ -286,12 +294,39 @@ fn field(c: &Client, d: &str, pick: impl FnOnce(DomainSummary) -> String) -> Out
     Ok(())
 }
 
-fn list(c: &Client, all: bool, inactive: bool, name: bool, uuid: bool, json: bool) -> Out {
+fn selected(a: &ListArgs, d: &DomainSummary) -> bool {
+    use DomainState as S;
+    let states = [
+        a.state_running,
+        a.state_paused,
+        a.state_shutoff,
+        a.state_other,
+    ];
+    let by_state = if states.iter().any(|&x| x) {
+        match d.state {
+            S::Running => a.state_running,
+            S::Paused => a.state_paused,
+            S::ShutOff => a.state_shutoff,
+            S::InShutdown | S::Crashed => a.state_other,
+        }
+    } else if a.all {
+        true
+    } else {
+        d.state.is_active() != a.inactive
+    };
+    let by_persistence = (!a.persistent && !a.transient)
+        || (a.persistent && d.persistent)
+        || (a.transient && !d.persistent);
+    let by_autostart = (!a.autostart && !a.no_autostart)
+        || (a.autostart && d.autostart)
+        || (a.no_autostart && !d.autostart);
+    by_state && by_persistence && by_autostart
+}
+
+fn list(c: &Client, a: &ListArgs) -> Out {
+    let (name, uuid, json) = (a.name, a.uuid, a.json);
     let mut doms: Vec<DomainSummary> = c.get("/v1/domains").map_err(|e| fail(None, "", e))?;
-    doms.retain(|d| {
-        let active = d.state.is_active();
-        (all || active != inactive) || (inactive && !active)
-    });
+    doms.retain(|d| selected(a, d));
     // virsh: running domains by id first, then inactive ones by name.
     doms.sort_by(|a, b| match (a.id, b.id) {
         (Some(x), Some(y)) => x.cmp(&y),

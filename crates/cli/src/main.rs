@@ -35,26 +35,54 @@ pub struct Scope {
     pub current: bool,
 }
 
+/// virsh list's selection and output options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ListArgs {
+    /// Include inactive domains.
+    #[arg(long)]
+    pub all: bool,
+    /// Only inactive domains.
+    #[arg(long)]
+    pub inactive: bool,
+    /// Only running domains.
+    #[arg(long = "state-running")]
+    pub state_running: bool,
+    /// Only paused domains.
+    #[arg(long = "state-paused")]
+    pub state_paused: bool,
+    /// Only shut off domains.
+    #[arg(long = "state-shutoff")]
+    pub state_shutoff: bool,
+    /// Only domains in another state (in shutdown, crashed).
+    #[arg(long = "state-other")]
+    pub state_other: bool,
+    /// Only persistent domains.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Only transient domains.
+    #[arg(long)]
+    pub transient: bool,
+    /// Only domains with autostart on.
+    #[arg(long)]
+    pub autostart: bool,
+    /// Only domains with autostart off.
+    #[arg(long = "no-autostart")]
+    pub no_autostart: bool,
+    /// Print names only.
+    #[arg(long)]
+    pub name: bool,
+    /// Print UUIDs only.
+    #[arg(long)]
+    pub uuid: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// List domains.
-    List {
-        /// Include inactive domains.
-        #[arg(long)]
-        all: bool,
-        /// Only inactive domains.
-        #[arg(long)]
-        inactive: bool,
-        /// Print names only.
-        #[arg(long)]
-        name: bool,
-        /// Print UUIDs only.
-        #[arg(long)]
-        uuid: bool,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Define (but do not start) a domain from an XML file.
     Define { file: PathBuf },
     /// Remove a domain's definition (a running domain becomes transient).
@@ -172,6 +200,8 @@ pub enum Cmd {
     },
     /// Create a domain from virt-install-style options, start it and attach its console.
     Install(Box<install::InstallArgs>),
+    /// Versions of rvirt and of the daemon it talks to.
+    Version,
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]

@@ -134,6 +134,19 @@ fn virsh_layouts_and_messages() {
     );
     assert_eq!(e.ok(&["list"]).lines().count(), 4, "only the running one");
     assert_eq!(e.ok(&["list", "--all", "--name"]), "vm1\nvm2\n\n");
+    assert_eq!(e.ok(&["list", "--state-shutoff", "--name"]), "vm2\n\n");
+    assert_eq!(
+        e.ok(&["list", "--state-running", "--state-paused", "--name"]),
+        "vm1\n\n"
+    );
+    assert_eq!(e.ok(&["list", "--all", "--transient", "--name"]), "\n");
+    assert_eq!(
+        e.ok(&["list", "--all", "--no-autostart", "--persistent", "--name"]),
+        "vm1\nvm2\n\n"
+    );
+    assert_eq!(e.ok(&["list", "--inactive", "--name"]), "vm2\n\n");
+    let v = e.ok(&["version"]);
+    assert!(v.contains("Running daemon: rvirtd "), "{v}");
     let uuids = e.ok(&["list", "--all", "--uuid"]);
     assert_eq!(
         uuids.lines().filter(|l| l.len() == 36).count(),
