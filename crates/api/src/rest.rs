@@ -217,6 +217,15 @@ pub struct NetInterface {
     pub mac: String,
 }
 
+/// `GET /v1/domains/{name}/memstats` (virsh dommemstat), in KiB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemStats {
+    /// Memory the guest currently has (currentMemory; the balloon target once ballooning exists).
+    pub actual: u64,
+    /// Resident set size of the VMM process, guest memory included.
+    pub rss: u64,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -262,6 +262,11 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             scope,
         } => emulatorpin(c, &domain, cpulist, scope),
         Cmd::Install(args) => crate::commands::install(c, &args),
+        Cmd::Dommemstat { domain } => {
+            let m: MemStats = get(c, &domain, "/memstats")?;
+            println!("actual {}\nrss {}\n", m.actual, m.rss);
+            Ok(())
+        }
         Cmd::Version => {
             println!(
                 "Compiled against library: rvirt {}",

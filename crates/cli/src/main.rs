@@ -185,6 +185,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Memory statistics of a running domain (KiB).
+    Dommemstat { domain: String },
     /// Show vCPU threads: host CPU, state, CPU time, affinity.
     Vcpuinfo {
         domain: String,

@@ -201,6 +201,11 @@ fn virsh_layouts_and_messages() {
     let err = e.err(&["vcpupin", "vm1", "0", "0-x"]);
     assert!(err.contains("invalid cpuset '0-x'"), "{err}");
     assert!(e.ok(&["emulatorpin", "vm1"]).contains("       *: "));
+    let ms = e.ok(&["dommemstat", "vm1"]);
+    assert!(ms.starts_with("actual 65536\nrss "), "{ms}");
+    assert!(e
+        .err(&["dommemstat", "vm2"])
+        .contains("domain is not running"));
     assert_eq!(e.ok(&["suspend", "vm1"]), "Domain 'vm1' suspended\n\n");
     assert_eq!(e.ok(&["domstate", "vm1", "--reason"]), "paused (user)\n\n");
     assert_eq!(e.ok(&["resume", "vm1"]), "Domain 'vm1' resumed\n\n");

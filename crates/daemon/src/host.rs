@@ -96,6 +96,13 @@ pub fn process_matches(pid: u32, start_time: u64) -> bool {
     proc_stat(pid).is_some_and(|s| s.start_time == start_time && s.state != 'Z')
 }
 
+/// Resident set size of a process in KiB (VmRSS of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Thread ids and names of a process.
 pub fn threads(pid: u32) -> Vec<(i32, String)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -131,6 +138,7 @@ mod tests {
         assert!(process_matches(me, st.start_time));
         assert!(!process_matches(me, st.start_time + 1));
         assert!(threads(me).iter().any(|(t, _)| *t as u32 == me));
+        assert!(rss_kib(me).unwrap() > 0);
         let cur = get_affinity(0).unwrap();
         assert!(!cur.0.is_empty());
     }

@@ -55,6 +55,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route(&format!("{d}/disks"), get(disks))
         .route(&format!("{d}/interfaces"), get(interfaces))
         .route(&format!("{d}/vcpus"), get(vcpus))
+        .route(&format!("{d}/memstats"), get(memstats))
         .route(&format!("{d}/vcpupin"), get(pins).post(vcpupin))
         .route(&format!("{d}/emulatorpin"), post(emulatorpin))
         .route(&format!("{d}/console"), get(console))
@@ -159,6 +160,10 @@ async fn interfaces(State(m): M, Path(name): Path<String>) -> R<Vec<NetInterface
 
 async fn vcpus(State(m): M, Path(name): Path<String>) -> R<Vec<VcpuInfo>> {
     Ok(Json(m.vcpu_info(&name).await?))
+}
+
+async fn memstats(State(m): M, Path(name): Path<String>) -> R<MemStats> {
+    Ok(Json(m.mem_stats(&name)?))
 }
 
 async fn pins(State(m): M, Path(name): Path<String>) -> R<PinInfo> {

@@ -387,6 +387,18 @@ impl Manager {
         })
     }
 
+    pub fn mem_stats(&self, key: &str) -> ApiResult<rvirt_api::rest::MemStats> {
+        let (_, slot) = self.find(key)?;
+        let st = slot.lock();
+        let (Some(run), Some(live)) = (&st.run, &st.live) else {
+            return Err(ApiError::not_running());
+        };
+        Ok(rvirt_api::rest::MemStats {
+            actual: live.def.current_memory_kib,
+            rss: crate::host::rss_kib(run.pid).unwrap_or(0),
+        })
+    }
+
     pub fn xml(&self, key: &str, inactive: bool) -> ApiResult<String> {
         let (_, slot) = self.find(key)?;
         let st = slot.lock();
