@@ -17,6 +17,8 @@ const SHARED_BASE: i64 = 200;
 const PERM_CONSISTENT_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
 const PERM_RESIZE: i64 = 3;
+/// Re-tests of a conflicting lock, 10 ms apart, before giving up.
+const RETRIES: u32 = 20;
 
 /// How an image is locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,16 +82,30 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     for &p in unshared {
         set_lock(file, SHARED_BASE + p).map_err(|e| Error::io("lock", path, e))?;
     }
-    let conflicts = perms
+    let conflicts: Vec<i64> = perms
         .iter()
         .map(|p| SHARED_BASE + p)
-        .chain(unshared.iter().map(|p| PERM_BASE + p));
-    for byte in conflicts {
-        if is_held(file, byte).map_err(|e| Error::io("test lock", path, e))? {
-            return Err(Error::Locked {
-                path: path.to_owned(),
-                holder: holder(file, byte),
-            });
+        .chain(unshared.iter().map(|p| PERM_BASE + p))
+        .collect();
+    // A process that forks between our close and its exec briefly keeps our old open file
+    // description, and its locks, alive: give such a transient holder a moment.
+    for attempt in 0..=RETRIES {
+        let mut held = None;
+        for &byte in &conflicts {
+            if is_held(file, byte).map_err(|e| Error::io("test lock", path, e))? {
+                held = Some(byte);
+                break;
+            }
+        }
+        match held {
+            None => return Ok(()),
+            Some(byte) if attempt == RETRIES => {
+                return Err(Error::Locked {
+                    path: path.to_owned(),
+                    holder: holder(file, byte),
+                })
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
     }
     Ok(())

@@ -324,27 +324,33 @@ fn write_sparse(dst: &Image, data: &[u8], off: u64, plan: &Plan) -> Result<()> {
         return Ok(dst.write_at(data, off)?);
     }
     let g = plan.sparse as usize;
+    // Runs of equal kind: (is zero, start); flushed when the kind changes.
+    let mut run: Option<(bool, usize)> = None;
+    let flush = |zero: bool, s: usize, e: usize| -> Result<()> {
+        if !zero {
+            dst.write_at(&data[s..e], off + s as u64)?;
+        } else if !plan.fresh {
+            dst.write_zeroes(off + s as u64, (e - s) as u64, true)?;
+        }
+        Ok(())
+    };
     let mut i = 0;
-    let mut run_start: Option<usize> = None;
     while i < data.len() {
         // Blocks follow the output's grid of sparse-size blocks.
         let end = ((((off as usize) + i) / g + 1) * g - off as usize).min(data.len());
-        let zero = is_zero(&data[i..end]) && end - i == g;
-        match (zero, run_start) {
-            (false, None) => run_start = Some(i),
-            (true, Some(s)) => {
-                dst.write_at(&data[s..i], off + s as u64)?;
-                run_start = None;
+        let zero = end - i == g && is_zero(&data[i..end]);
+        match run {
+            Some((z, s)) if z != zero => {
+                flush(z, s, i)?;
+                run = Some((zero, i));
             }
+            None => run = Some((zero, i)),
             _ => {}
-        }
-        if zero && !plan.fresh {
-            dst.write_zeroes(off + i as u64, (end - i) as u64, true)?;
         }
         i = end;
     }
-    if let Some(s) = run_start {
-        dst.write_at(&data[s..], off + s as u64)?;
+    if let Some((z, s)) = run {
+        flush(z, s, data.len())?;
     }
     Ok(())
 }
@@ -355,4 +361,51 @@ pub fn is_zero(b: &[u8]) -> bool {
         .by_ref()
         .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
     words_zero && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rvirt_image::{open_image, OpenOptions};
+
+    fn qcow2(dir: &std::path::Path, fill: u8) -> Image {
+        let p = dir.join("t.qcow2");
+        let o = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        };
+        create_image(&p, Format::Qcow2, &o).unwrap();
+        let img = open_image(&p, None, &OpenOptions::default()).unwrap();
+        img.write_at(&vec![fill; 1 << 20], 0).unwrap();
+        img
+    }
+
+    #[test]
+    fn sparse_writes_skip_or_zero_runs_of_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![7u8; 64 << 10];
+        data[8192..40960].fill(0);
+        data[50000..50010].fill(0); // too short to be left out
+        for fresh in [true, false] {
+            let img = qcow2(dir.path(), if fresh { 0 } else { 0xff });
+            if fresh {
+                img.discard(0, 1 << 20).unwrap();
+            }
+            let plan = Plan {
+                sparse: 4096,
+                compress: false,
+                fresh,
+                top_only: false,
+            };
+            write_sparse(&img, &data, 4096, &plan).unwrap();
+            let mut back = vec![0u8; data.len()];
+            img.read_at(&mut back, 4096).unwrap();
+            assert!(back == data, "fresh={fresh}");
+            // The zero run is not data in the image.
+            let e = img.map_extent(4096 + 8192, 4096).unwrap();
+            assert!(!e.data && e.zero, "fresh={fresh}: {e:?}");
+            assert!(img.map_extent(4096 + 49152, 4096).unwrap().data);
+        }
+    }
 }

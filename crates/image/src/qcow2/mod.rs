@@ -162,8 +162,12 @@ impl Qcow2 {
         self.st().snapshot_create(name)
     }
 
+    /// Reverts the disk to a snapshot (its size too, if that differed).
     pub fn snapshot_apply(&self, name: &str) -> Result<()> {
-        self.st().snapshot_apply(name)
+        let mut st = self.st();
+        st.snapshot_apply(name)?;
+        self.size.store(st.hdr.size, Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
