@@ -128,6 +128,53 @@ pub fn apply_create_options(
     Ok(())
 }
 
+/// What `-o help` prints: the creation options of `format`.
+pub fn options_help(format: Format) -> String {
+    let mut s = format!("Supported {format} options:\n");
+    let mut opt = |name: &str, kind: &str, help: &str| {
+        s += &format!("  {name:<17}<{kind}>\n    {help}\n");
+    };
+    if format == Format::Qcow2 {
+        opt("backing_file", "str", "File name of a base image");
+        opt("backing_fmt", "str", "Image format of the base image");
+        opt(
+            "cluster_size",
+            "size",
+            "qcow2 cluster size (512 to 2M, default 64K)",
+        );
+        opt("compat", "str", "Compatibility level (0.10 or 1.1)");
+        opt(
+            "compression_type",
+            "str",
+            "Compression method used for image cluster compression (zlib or zstd)",
+        );
+        opt(
+            "extended_l2",
+            "bool (on/off)",
+            "Extended L2 tables (32 subclusters, cluster size at least 16K)",
+        );
+        opt(
+            "lazy_refcounts",
+            "bool (on/off)",
+            "Postpone refcount updates",
+        );
+    }
+    opt(
+        "preallocation",
+        "str",
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    );
+    if format == Format::Qcow2 {
+        opt(
+            "refcount_bits",
+            "num",
+            "Width of a reference count entry in bits (1 to 64, a power of two)",
+        );
+    }
+    opt("size", "size", "Virtual disk size");
+    s
+}
+
 /// The "Formatting ..." line qemu-img create prints.
 pub fn formatting_line(path: &Path, format: Format, o: &CreateOptions) -> String {
     let mut s = format!("Formatting '{}', fmt={format}", path.display());

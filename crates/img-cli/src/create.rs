@@ -16,14 +16,22 @@ pub struct CreateArgs {
     pub backing_fmt: Option<String>,
     pub unsafe_backing: bool,
     pub quiet: bool,
-    pub filename: PathBuf,
+    pub filename: Option<PathBuf>,
     pub size: Option<String>,
 }
 
 pub fn run(a: CreateArgs) -> Result<u8> {
     let format: Format = a.format.parse()?;
+    let opts = split_options(&a.options);
+    if opts.iter().any(|(k, _)| k == "help" || k == "?") {
+        print!("{}", crate::common::options_help(format));
+        return Ok(0);
+    }
+    let Some(filename) = a.filename.clone() else {
+        bail!("no file name given: rvirt-img create -f {format} FILE SIZE");
+    };
     let mut o = CreateOptions::default();
-    apply_create_options(&mut o, format, &split_options(&a.options))?;
+    apply_create_options(&mut o, format, &opts)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
     }
@@ -35,7 +43,7 @@ pub fn run(a: CreateArgs) -> Result<u8> {
     }
     let size = a.size.as_deref().map(parse_size).transpose()?;
     if let Some(b) = o.backing_file.clone() {
-        let path = resolve_backing(&a.filename, &b);
+        let path = resolve_backing(&filename, &b);
         if o.backing_format.is_none() {
             let detected = rvirt_image::probe(&path)
                 .map(|f| format!(" (it looks like {f})"))
@@ -52,10 +60,7 @@ pub fn run(a: CreateArgs) -> Result<u8> {
                 o.size = img.size();
             }
         } else if size.is_none() && o.size == 0 {
-            bail!(
-                "with -u the size of '{}' must be given",
-                a.filename.display()
-            );
+            bail!("with -u the size of '{}' must be given", filename.display());
         }
     }
     if let Some(s) = size {
@@ -64,14 +69,14 @@ pub fn run(a: CreateArgs) -> Result<u8> {
     if o.size == 0 && o.backing_file.is_none() && a.size.is_none() {
         bail!(
             "no size given for '{}': rvirt-img create -f {format} {} SIZE",
-            a.filename.display(),
-            a.filename.display()
+            filename.display(),
+            filename.display()
         );
     }
     if !a.quiet {
-        println!("{}", formatting_line(&a.filename, format, &o));
+        println!("{}", formatting_line(&filename, format, &o));
     }
-    create_image(&a.filename, format, &o)
-        .with_context(|| format!("could not create '{}'", a.filename.display()))?;
+    create_image(&filename, format, &o)
+        .with_context(|| format!("could not create '{}'", filename.display()))?;
     Ok(0)
 }

@@ -65,7 +65,8 @@ enum Cmd {
         unsafe_backing: bool,
         #[arg(short = 'q')]
         quiet: bool,
-        filename: PathBuf,
+        /// The new image (not needed with -o help).
+        filename: Option<PathBuf>,
         /// Virtual size (K, M, G, T suffixes); taken from the backing file when omitted.
         size: Option<String>,
     },

@@ -470,6 +470,28 @@ fn snapshots_resize_rebase_commit_amend_interoperate() {
 }
 
 #[test]
+fn create_lists_its_options_and_refuses_bad_ones() {
+    let help = rvok(&["create", "-f", "qcow2", "-o", "help"]);
+    for o in [
+        "cluster_size",
+        "lazy_refcounts",
+        "compression_type",
+        "refcount_bits",
+    ] {
+        assert!(help.contains(o), "{help}");
+    }
+    let d = Dir::new();
+    let img = d.p("x.raw");
+    let o = rv(&["create", "-f", "raw", "-o", "cluster_size=4k", &img, "1M"]);
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cluster_size"));
+    let o = rv(&["create", "-f", "qcow2", "-o", "cluster_size=3k", &img, "1M"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("power of two"));
+    let o = rv(&["create", "-f", "qcow2", &img, "12Q"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid size"));
+}
+
+#[test]
 fn compare_exit_codes() {
     if !have_qemu() {
         return;
