@@ -782,3 +782,40 @@ fn unknown_header_extensions_survive_header_rewrites() {
     assert_eq!(h.backing_file.as_deref(), Some("other.raw"));
     assert_eq!(h.compatible & 1, 1);
 }
+
+#[test]
+fn repair_all_rebuilds_a_broken_refcount_structure() {
+    let dir = tempfile::tempdir().unwrap();
+    let repair = OpenOptions {
+        repair: true,
+        ..Default::default()
+    };
+    for case in ["misaligned block", "zeroed block"] {
+        let path = dir.path().join(format!("{}.qcow2", case.replace(' ', "_")));
+        create(&path, 8 << 20, |o| o.cluster_size = 4096);
+        let mut model = vec![0u8; 8 << 20];
+        {
+            let img = Qcow2::open(&path, &rw()).unwrap();
+            random_writes(&img, &mut model, 30, 5);
+            img.snapshot_create("s").unwrap();
+            random_writes(&img, &mut model, 10, 6);
+        }
+        let mut data = std::fs::read(&path).unwrap();
+        let rt = u64::from_be_bytes(data[48..56].try_into().unwrap()) as usize;
+        let rb = u64::from_be_bytes(data[rt..rt + 8].try_into().unwrap()) as usize;
+        match case {
+            "misaligned block" => data[rt + 6] |= 2, // +512: no longer cluster aligned
+            _ => data[rb..rb + 4096].fill(0),
+        }
+        std::fs::write(&path, &data).unwrap();
+        let img = Qcow2::open(&path, &repair).unwrap();
+        let before = img.check(RepairMode::None).unwrap();
+        assert!(before.corruptions > 0, "{case}: damage found");
+        let r = img.check(RepairMode::All).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{case}: {:?}", r.messages);
+        assert!(read_all(&img) == model, "{case}: data kept");
+        drop(img);
+        qemu_check(&path);
+        qemu_compare(&path, &model);
+    }
+}

@@ -47,6 +47,10 @@ struct Refs {
     counts: Vec<u32>,
     cs: u64,
     report: CheckReport,
+    /// References without the refcount structures themselves (for a rebuild).
+    base: Vec<u32>,
+    /// The refcount structures cannot be read as they are: only a rebuild repairs them.
+    broken: bool,
 }
 
 impl Refs {
@@ -84,7 +88,13 @@ impl State {
             return Ok(first);
         }
         self.check_writable()?;
-        self.repair(&refs, mode)?;
+        if refs.broken && mode == RepairMode::All {
+            self.rebuild_refcounts(&refs.base)?;
+            self.fix_copied_flags()?;
+            self.f.sync()?;
+        } else if !refs.broken {
+            self.repair(&refs.counts, mode)?;
+        }
         let (mut second, _) = self.count_refs()?;
         second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
         second.corruptions_fixed = first.corruptions.saturating_sub(second.corruptions);
@@ -95,6 +105,67 @@ impl State {
             self.clear_repair_bits()?;
         }
         Ok(second)
+    }
+
+    /// Writes a new refcount table and blocks past the end of the file from the counted
+    /// references `base`, then points the header at them; the old structures are dropped.
+    fn rebuild_refcounts(&mut self, base: &[u32]) -> Result<()> {
+        let cs = self.cs();
+        let epb = self.rc.epb();
+        let order = self.hdr.refcount_order;
+        let max = self.rc.max_refcount();
+        let n = base.len() as u64;
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let b = (n + blocks + table).div_ceil(epb);
+            let t = (b * 8).div_ceil(cs);
+            if (b, t) == (blocks, table) {
+                break;
+            }
+            (blocks, table) = (b, t);
+        }
+        if table * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(self
+                .f
+                .corrupt("a rebuilt refcount table would exceed 8 MiB".into()));
+        }
+        let blocks_start = n + table;
+        let total = blocks_start + blocks;
+        let mut entries = vec![0u64; (table * cs / 8) as usize];
+        for bi in 0..blocks {
+            let mut block = vec![0u8; cs as usize];
+            for i in 0..epb {
+                let c = bi * epb + i;
+                if c >= total {
+                    break;
+                }
+                let v = if c < n {
+                    (base[c as usize] as u64).min(max)
+                } else {
+                    1
+                };
+                if v > 0 {
+                    super::refcount::set_entry(&mut block, i as usize, order, v);
+                }
+            }
+            self.f.write(&block, (blocks_start + bi) * cs)?;
+            entries[bi as usize] = (blocks_start + bi) * cs;
+        }
+        self.f.write(&super::file::encode_table(&entries), n * cs)?;
+        self.f.sync()?;
+        let mut hdr = (n * cs).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&(table as u32).to_be_bytes());
+        self.f.write(&hdr, super::header::OFF_REFTABLE)?;
+        self.rc = super::refcount::Refcounts::load(
+            self.f.clone(),
+            self.hdr.cluster_bits,
+            order,
+            n * cs,
+            table as u32,
+        )?;
+        self.hdr.refcount_table_offset = n * cs;
+        self.hdr.refcount_table_clusters = table as u32;
+        Ok(())
     }
 
     fn clear_repair_bits(&mut self) -> Result<()> {
@@ -108,7 +179,7 @@ impl State {
     }
 
     /// Counts references and compares them with the refcounts.
-    fn count_refs(&mut self) -> Result<(CheckReport, Vec<u32>)> {
+    fn count_refs(&mut self) -> Result<(CheckReport, Refs)> {
         let cs = self.cs();
         let file_len = self.f.len()?;
         let mut refs = Refs {
@@ -118,6 +189,8 @@ impl State {
                 total_clusters: self.hdr.size.div_ceil(cs),
                 ..Default::default()
             },
+            base: Vec::new(),
+            broken: false,
         };
         refs.add(0, cs, "header");
         refs.add(
@@ -125,21 +198,6 @@ impl State {
             self.hdr.l1_size as u64 * 8,
             "L1 table",
         );
-        refs.add(
-            self.rc.table_offset,
-            self.rc.table_clusters as u64 * cs,
-            "refcount table",
-        );
-        for bi in 0..self.rc.table.len() as u64 {
-            match self.rc.block_offset(bi) {
-                Ok(Some(off)) => refs.add(off, cs, "refcount block"),
-                Ok(None) => {}
-                Err(e) => {
-                    refs.report.corruptions += 1;
-                    refs.report.messages.push(format!("ERROR {e}"));
-                }
-            }
-        }
         if !self.snapshots.is_empty() {
             refs.add(
                 self.hdr.snapshots_offset,
@@ -160,9 +218,28 @@ impl State {
         }
         let l1 = self.l1.clone();
         self.count_tree(&l1, &mut refs, true)?;
+        refs.base = refs.counts.clone();
+        let before = refs.report.corruptions;
+        refs.add(
+            self.rc.table_offset,
+            self.rc.table_clusters as u64 * cs,
+            "refcount table",
+        );
+        for bi in 0..self.rc.table.len() as u64 {
+            match self.rc.block_offset(bi) {
+                Ok(Some(off)) => refs.add(off, cs, "refcount block"),
+                Ok(None) => {}
+                Err(e) => {
+                    refs.report.corruptions += 1;
+                    refs.report.messages.push(format!("ERROR {e}"));
+                }
+            }
+        }
+        refs.broken |= refs.report.corruptions > before;
         self.compare(&mut refs)?;
         self.check_copied(&mut refs)?;
-        Ok((refs.report, refs.counts))
+        let report = std::mem::take(&mut refs.report);
+        Ok((report, refs))
     }
 
     /// Adds the references of an L1 tree; for the active tree also the allocation statistics.
@@ -232,7 +309,17 @@ impl State {
         let cs = self.cs();
         let mut highest = 0;
         for c in 0..refs.counts.len() as u64 {
-            let have = self.rc.get(c)?;
+            let have = match self.rc.get(c) {
+                Ok(v) => v,
+                Err(e) => {
+                    if !refs.broken {
+                        refs.report.corruptions += 1;
+                        refs.report.messages.push(format!("ERROR {e}"));
+                    }
+                    refs.broken = true;
+                    0
+                }
+            };
             let want = refs.counts[c as usize] as u64;
             if have > 0 {
                 highest = c + 1;
@@ -264,7 +351,9 @@ impl State {
             if off == 0 || !off.is_multiple_of(cs) || off / cs >= nclusters {
                 continue;
             }
-            let rc = self.rc.get(off / cs)?;
+            let Ok(rc) = self.rc.get(off / cs) else {
+                continue;
+            };
             if (rc == 1) != (e & COPIED != 0) {
                 refs.report.corruptions += 1;
                 refs.report.messages.push(format!(
@@ -282,7 +371,9 @@ impl State {
                 if host % cs != 0 || host / cs >= nclusters {
                     continue;
                 }
-                let rc = self.rc.get(host / cs)?;
+                let Ok(rc) = self.rc.get(host / cs) else {
+                    continue;
+                };
                 if (rc == 1) != (entry & COPIED != 0) {
                     refs.report.corruptions += 1;
                     refs.report.messages.push(format!(
