@@ -304,6 +304,17 @@ fn convert_between_formats_with_compression_and_backing() {
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
     assert_eq!(own, 65536);
+    // Several sources are concatenated.
+    let cat = d.p("cat.qcow2");
+    let two = d.p("two.raw");
+    std::fs::write(&two, vec![0x77u8; 1 << 20]).unwrap();
+    rvok(&["convert", "-O", "qcow2", &raw, &two, &cat]);
+    let mut both = std::fs::read(&raw).unwrap();
+    both.extend_from_slice(&[0x77u8; 1 << 20]);
+    let want = d.p("both.raw");
+    std::fs::write(&want, &both).unwrap();
+    qok(&["compare", "-s", &want, &cat]);
+    qcheck(&cat);
     // -n writes into an existing image, and -S 0 allocates everything.
     let pre = d.p("pre.qcow2");
     qok(&["create", "-q", "-f", "qcow2", &pre, "6M"]);
