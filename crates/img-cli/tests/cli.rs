@@ -313,7 +313,9 @@ fn convert_between_formats_with_compression_and_backing() {
     both.extend_from_slice(&[0x77u8; 1 << 20]);
     let want = d.p("both.raw");
     std::fs::write(&want, &both).unwrap();
-    qok(&["compare", "-s", &want, &cat]);
+    qok(&["compare", &want, &cat]);
+    let info = json(&rvok(&["info", "--output=json", &cat]));
+    assert_eq!(info["virtual-size"], 7 << 20);
     qcheck(&cat);
     // -n writes into an existing image, and -S 0 allocates everything.
     let pre = d.p("pre.qcow2");
