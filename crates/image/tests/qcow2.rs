@@ -540,7 +540,12 @@ fn hostile_headers_give_errors_not_panics() {
         (96, 4),
         (100, 4),
     ];
-    for round in 0..400 {
+    // More rounds on demand: RVIRT_HOSTILE_ROUNDS=100000 cargo test hostile
+    let rounds = std::env::var("RVIRT_HOSTILE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    for round in 0..rounds {
         let mut data = good.clone();
         let (at, len) = fields[rng.usize(..fields.len())];
         for b in &mut data[at..at + len] {
@@ -551,9 +556,14 @@ fn hostile_headers_give_errors_not_panics() {
             };
         }
         if round % 5 == 0 {
-            // Also damage tables somewhere in the file.
-            let at = rng.usize(65536..data.len());
-            data[at] ^= 0xff;
+            // Also damage tables somewhere in the file (and sometimes nothing in the header).
+            for _ in 0..rng.usize(1..40) {
+                let at = rng.usize(65536..data.len());
+                data[at] = rng.u8(..);
+            }
+            if round % 10 == 0 {
+                data[..512].copy_from_slice(&good[..512]);
+            }
         }
         std::fs::write(&path, &data).unwrap();
         if let Ok(img) = Qcow2::open(&path, &ro()) {
@@ -565,6 +575,24 @@ fn hostile_headers_give_errors_not_panics() {
                 let _ = img.read_at(&mut buf[..len], off);
             }
             let _ = img.check(RepairMode::None);
+        }
+        if round % 4 == 0 {
+            // Repair and write paths on hostile metadata: errors are fine, panics are not.
+            let repair = OpenOptions {
+                repair: true,
+                no_backing: true,
+                ..Default::default()
+            };
+            if let Ok(img) = Qcow2::open(&path, &repair) {
+                let _ = img.check(RepairMode::All);
+                let size = img.size();
+                if size > 0 {
+                    let off = rng.u64(0..size);
+                    let len = (size - off).min(70_000) as usize;
+                    let _ = img.write_at(&vec![9u8; len], off);
+                    let _ = img.discard(0, size.min(1 << 20));
+                }
+            }
         }
     }
     for len in [0, 3, 50, 100, 1000] {
