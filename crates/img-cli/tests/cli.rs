@@ -128,6 +128,29 @@ fn create_option_matrix_passes_qemu_check_and_info_matches() {
             v
         };
         assert_eq!(strip(ours), strip(theirs), "info of {extra:?}");
+        // Then rvirt-img writes, grows, snapshots and writes again; qemu still agrees.
+        let newer = d.p(&format!("data{i}.raw"));
+        let mut want = patterned_raw(&newer, 4 << 20);
+        rvok(&["convert", "-n", "-O", "qcow2", &newer, &img]);
+        rvok(&["resize", &img, "+1M"]);
+        let one_bit = extra.iter().any(|a| a.contains("refcount_bits=1"));
+        if one_bit {
+            // One-bit refcounts cannot count a snapshot's second reference.
+            let o = rv(&["snapshot", "-c", "s1", &img]);
+            assert!(String::from_utf8_lossy(&o.stderr).contains("refcount_bits=16"));
+        } else {
+            rvok(&["snapshot", "-c", "s1", &img]);
+        }
+        let more = d.p(&format!("more{i}.raw"));
+        std::fs::write(&more, vec![0x3cu8; 4 << 20]).unwrap();
+        rvok(&["convert", "-n", "-S", "0", "-O", "qcow2", &more, &img]);
+        qcheck(&img);
+        want.iter_mut().for_each(|b| *b = 0x3c);
+        want.extend_from_slice(&[0u8; 1 << 20]);
+        let model = d.p(&format!("model{i}.raw"));
+        std::fs::write(&model, &want).unwrap();
+        qok(&["compare", "-f", "raw", &model, &img]);
+        assert_eq!(qok(&["snapshot", "-l", &img]).contains("s1"), !one_bit);
     }
 }
 

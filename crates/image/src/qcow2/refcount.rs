@@ -227,14 +227,28 @@ impl Refcounts {
             let cs = self.cs();
             let block = self.block(off)?;
             let mut span: Option<Range<usize>> = None;
+            let mut first_freed = u64::MAX;
             for i in c..end {
                 let idx = (i - bi * epb) as usize;
                 let v = get_entry(block, idx, order) as i128 + delta as i128;
-                if v < 0 || v > max {
+                if v < 0 {
                     return Err(Error::Corrupt {
                         path,
                         what: format!("refcount of cluster {:#x} would become {v}", i * cs),
                     });
+                }
+                if v > max {
+                    return Err(Error::Unsupported {
+                        path,
+                        what: format!(
+                            "refcount of cluster {:#x} would exceed {max}, the most {} refcount bits hold; convert the image with -o refcount_bits=16",
+                            i * cs,
+                            1u32 << order
+                        ),
+                    });
+                }
+                if v == 0 {
+                    first_freed = first_freed.min(i);
                 }
                 let r = set_entry(block, idx, order, v as u64);
                 span = Some(match span {
@@ -246,9 +260,9 @@ impl Refcounts {
                 let data = block[s.clone()].to_vec();
                 self.file.write(&data, off + s.start as u64)?;
             }
-            if delta < 0 {
-                self.free_hint = self.free_hint.min(c);
-            }
+            // Only clusters that became free pull the allocation hint back; scanning from
+            // a cluster that merely lost one of several references would rescan used space.
+            self.free_hint = self.free_hint.min(first_freed);
             c = end;
         }
         Ok(())

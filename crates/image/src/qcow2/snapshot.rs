@@ -345,6 +345,12 @@ impl State {
                 self.f.path.display()
             )));
         }
+        if self.rc.max_refcount() < 2 {
+            return Err(Error::Unsupported {
+                path: self.f.path.clone(),
+                what: "internal snapshots with refcount_bits=1 (a shared cluster needs a refcount of 2); convert the image with -o refcount_bits=16 first".into(),
+            });
+        }
         let cs = self.cs();
         let l1 = self.l1.clone();
         self.adjust_tree(&l1, 1)?;
