@@ -847,3 +847,36 @@ fn repair_all_rebuilds_a_broken_refcount_structure() {
         qemu_compare(&path, &model);
     }
 }
+
+#[test]
+fn zeroing_without_unmap_keeps_clusters_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    for extl2 in [false, true] {
+        let path = dir.path().join(format!("z{extl2}.qcow2"));
+        create(&path, 1 << 20, |o| o.extended_l2 = extl2);
+        let img = Qcow2::open(&path, &rw()).unwrap();
+        img.write_at(&[5; 131072], 0).unwrap();
+        let before = img.file_length().unwrap();
+        img.write_zeroes(0, 131072, false).unwrap();
+        let e = img.block_status(0, 131072).unwrap();
+        assert!(e.status.zero && !e.status.data, "{e:?}");
+        let m = img.map_extent(0, 65536).unwrap();
+        assert!(m.offset.is_some(), "host cluster kept: {m:?}");
+        let mut b = vec![1u8; 131072];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        // Writing into it reuses the kept cluster.
+        img.write_at(&[6; 100], 70_000).unwrap();
+        assert_eq!(img.file_length().unwrap(), before);
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b[70_000..70_100].iter().all(|&x| x == 6));
+        assert!(b[..70_000].iter().all(|&x| x == 0));
+        // With unmap the space is released.
+        img.write_zeroes(0, 65536, true).unwrap();
+        assert!(img.map_extent(0, 65536).unwrap().offset.is_none());
+        let r = img.check(RepairMode::None).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        drop(img);
+        qemu_check(&path);
+    }
+}

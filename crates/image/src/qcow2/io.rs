@@ -276,6 +276,14 @@ impl State {
             self.read_in_cluster(c, &mut full, vc * cs)?;
         }
         full[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
+        if let Cluster::Zero { host, copied: true } = c {
+            if host != 0 {
+                // A preallocated zero cluster of ours: fill it in place, then make it data.
+                self.f.write(&full, host)?;
+                let slot = self.writable_slot(vc)?;
+                return self.set_entry(slot, host | COPIED, l2::SUB_ALLOC_ALL);
+            }
+        }
         self.store_new_cluster(vc, c, &full)
     }
 
@@ -393,7 +401,7 @@ impl State {
     }
 
     /// Makes `[offset, offset+len)` read as zeroes.
-    pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+    pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.mark_dirty()?;
         let cs = self.cs();
         let end = offset + len;
@@ -403,7 +411,9 @@ impl State {
             let n = (cs - in_c).min(end - pos);
             let vc = pos / cs;
             let whole = n == cs || (in_c == 0 && pos + n == self.hdr.size);
-            if whole && self.can_zero_cluster() {
+            if whole && !may_unmap && self.hdr.version >= 3 && self.zero_in_place(vc)? {
+                // The space stays allocated, as a caller that did not allow unmapping expects.
+            } else if whole && self.can_zero_cluster() {
                 self.zero_cluster(vc)?;
             } else {
                 let (c, _) = self.lookup(vc)?;
@@ -416,6 +426,26 @@ impl State {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Turns an allocated cluster this image alone owns into a zero cluster that keeps its host
+    /// cluster (v3); false when the cluster is not such a cluster.
+    fn zero_in_place(&mut self, vc: u64) -> Result<bool> {
+        let (c, _) = self.lookup(vc)?;
+        let host = match c {
+            Cluster::Normal {
+                host, copied: true, ..
+            } if host != 0 => host,
+            Cluster::Zero { host, copied: true } if host != 0 => return Ok(true),
+            _ => return Ok(false),
+        };
+        let slot = self.writable_slot(vc)?;
+        if self.hdr.extended_l2() {
+            self.set_entry(slot, host | COPIED, l2::SUB_ZERO_ALL)?;
+        } else {
+            self.set_entry(slot, host | COPIED | ZERO, 0)?;
+        }
+        Ok(true)
     }
 
     /// Zero clusters exist in v3; in v2 an unallocated cluster reads as zeroes only without a
