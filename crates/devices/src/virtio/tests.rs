@@ -37,8 +37,8 @@ fn pci_identity_and_virtio_capabilities() {
     kinds.sort_unstable();
     assert_eq!(
         kinds,
-        vec![(1, 0), (2, 0x3000), (3, 0x1000), (4, 0x2000)],
-        "common, notify, ISR and device caps in BAR 0"
+        vec![(1, 0), (2, 0x3000), (3, 0x1000), (4, 0x2000), (5, 0)],
+        "common, notify, ISR, device and PCI-config-access caps in BAR 0"
     );
     // BAR 0 is a 64-bit memory BAR.
     assert_eq!(d.cfg_read32(0x10) & 0x7, 0x4);
@@ -382,4 +382,29 @@ fn indirect_descriptors_are_followed() {
     q.push_avail(&d.mem, 0);
     d.kick(0);
     assert_eq!(q.wait_used(&d.mem), Some((0, 16)));
+}
+
+#[test]
+fn pci_cfg_capability_reaches_bar0() {
+    let d = rng_driver();
+    let caps = capabilities(d.dev.lock().unwrap().config());
+    let cap = caps
+        .into_iter()
+        .find(|&(off, id)| id == 0x09 && d.cfg_read32(off) >> 24 == 5)
+        .expect("PCI_CFG capability")
+        .0;
+    // Read num_queues (common config offset 0x12, 2 bytes) through the window.
+    d.cfg_write(cap + 4, &[0]);
+    d.cfg_write(cap + 8, &0x12u32.to_le_bytes());
+    d.cfg_write(cap + 12, &2u32.to_le_bytes());
+    assert_eq!(d.cfg_read32(cap + 16) & 0xffff, 1);
+    // Write device_status (offset 0x14, 1 byte) through it.
+    d.cfg_write(cap + 8, &0x14u32.to_le_bytes());
+    d.cfg_write(cap + 12, &1u32.to_le_bytes());
+    d.cfg_write(cap + 16, &1u32.to_le_bytes());
+    assert_eq!(d.status(), 1, "ACKNOWLEDGE written via config space");
+    // A misaligned or odd-sized window does nothing.
+    d.cfg_write(cap + 12, &3u32.to_le_bytes());
+    d.cfg_write(cap + 16, &0u32.to_le_bytes());
+    assert_eq!(d.status(), 1);
 }

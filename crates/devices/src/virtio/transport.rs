@@ -67,6 +67,7 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
 const BAR: u8 = 0;
 
 /// Creating a virtio PCI function failed.
@@ -164,6 +165,8 @@ pub struct VirtioPciDevice {
     ioevents: Arc<dyn IoEventRegistry>,
     /// The BAR 0 address at which the notify ioeventfds are registered now.
     registered_base: Option<u64>,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability in config space.
+    pci_cfg_cap: usize,
     notify: Vec<EventFd>,
     queues: Vec<QueueConfig>,
     device_feature_select: u32,
@@ -272,6 +275,17 @@ impl VirtioPciDevice {
         config
             .add_capability(PCI_CAP_ID_VNDR, &notify_cap, &[])
             .map_err(pci)?;
+        // The PCI configuration access capability: a window onto BAR 0 through config space,
+        // for firmware that cannot map BARs. bar, offset, length and data are driver-writable.
+        let mut pci_cfg = virtio_cap(CAP_PCI_CFG, 0, 0, None);
+        pci_cfg[0] = 20;
+        pci_cfg.extend_from_slice(&[0; 4]);
+        let mut writable = vec![0u8; pci_cfg.len()];
+        writable[2] = 0xff;
+        writable[6..18].fill(0xff);
+        let pci_cfg_cap = config
+            .add_capability(PCI_CAP_ID_VNDR, &pci_cfg, &writable)
+            .map_err(pci)?;
         let vectors = max_sizes.len() as u16 + 1;
         let msix = MsixState::new(
             vectors,
@@ -300,6 +314,7 @@ impl VirtioPciDevice {
             interrupt,
             ioevents,
             registered_base: None,
+            pci_cfg_cap,
             notify,
             queues: max_sizes.iter().map(|&s| QueueConfig::new(s)).collect(),
             device_feature_select: 0,
@@ -383,6 +398,18 @@ impl VirtioPciDevice {
             }
             self.registered_base = Some(base);
         }
+    }
+
+    /// The BAR access the PCI_CFG capability describes now: (bar, offset, length), if valid.
+    fn pci_cfg_access(&self) -> Option<(usize, u64, usize)> {
+        let cap = self.pci_cfg_cap;
+        let mut b = [0u8; 1];
+        self.config.read(cap + 4, &mut b);
+        let bar = usize::from(b[0]);
+        let offset = u64::from(self.config.read_reg((cap + 8) / 4));
+        let len = self.config.read_reg((cap + 12) / 4) as usize;
+        (matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64))
+            .then_some((bar, offset, len))
     }
 
     fn offered_features(&self) -> u64 {
@@ -663,6 +690,19 @@ impl PciDevice for VirtioPciDevice {
         &mut self.config
     }
 
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == (self.pci_cfg_cap + 16) / 4 {
+            if let Some((bar, offset, len)) = self.pci_cfg_access() {
+                let mut buf = [0u8; 4];
+                self.bar_read(bar, offset, &mut buf[..len]);
+                for (i, b) in buf.iter().enumerate() {
+                    self.config.write_byte_raw(self.pci_cfg_cap + 16 + i, *b);
+                }
+            }
+        }
+        self.config.read_reg(reg)
+    }
+
     fn write_config_register(
         &mut self,
         reg: usize,
@@ -670,6 +710,12 @@ impl PciDevice for VirtioPciDevice {
         data: &[u8],
     ) -> ConfigWriteEffect {
         let effect = self.config.write_reg(reg, offset, data);
+        if reg == (self.pci_cfg_cap + 16) / 4 {
+            if let Some((bar, bar_offset, len)) = self.pci_cfg_access() {
+                let value = self.config.read_reg(reg).to_le_bytes();
+                self.bar_write(bar, bar_offset, &value[..len]);
+            }
+        }
         lock(&self.msix).config_written(&self.config);
         if effect.bars_changed {
             self.sync_ioevents();
