@@ -163,6 +163,16 @@ impl VirtioInterrupt {
         self.status.store(s, Ordering::Release);
     }
 
+    /// Stores a driver-written status, keeping NEEDS_RESET if a worker set it meanwhile.
+    pub(crate) fn set_driver_status(&self, s: u8) {
+        let keep = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+        let _ = self
+            .status
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(s | (old & keep))
+            });
+    }
+
     pub(crate) fn take_isr(&self) -> u8 {
         self.isr.swap(0, Ordering::AcqRel)
     }

@@ -191,6 +191,10 @@ impl RngHandler {
 }
 
 impl WorkerHandler for RngHandler {
+    fn broken(&mut self) {
+        self.irq.set_needs_reset();
+    }
+
     fn handle_event(&mut self, _token: u64, _ctl: &WorkerCtl<'_>) -> WorkerAction {
         let _ = self.queue.notify.read();
         let RngHandler {

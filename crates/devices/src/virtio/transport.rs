@@ -554,7 +554,7 @@ impl VirtioPciDevice {
         }
         let dok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
         let ready = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8 | VIRTIO_CONFIG_S_DRIVER as u8 | fok | dok;
-        self.interrupt.set_status(new | needs_reset);
+        self.interrupt.set_driver_status(new | needs_reset);
         if new & dok != 0
             && !self.activated
             && needs_reset == 0

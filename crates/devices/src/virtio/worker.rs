@@ -43,6 +43,10 @@ pub enum WorkerAction {
 pub trait WorkerHandler: Send + 'static {
     /// Handles readiness of the fd registered with `token`.
     fn handle_event(&mut self, token: u64, ctl: &WorkerCtl<'_>) -> WorkerAction;
+
+    /// Called when the loop cannot go on (a handler panicked, epoll failed): the device
+    /// should mark itself NEEDS_RESET so the driver notices.
+    fn broken(&mut self) {}
 }
 
 /// A running worker; dropping it (or [`Worker::stop`]) stops and joins the thread.
@@ -110,6 +114,7 @@ fn run<H: WorkerHandler>(name: &str, epoll: &Epoll, fds: &[(RawFd, u64)], handle
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 error!("{name}: epoll_wait failed, worker stops: {e}");
+                handler.broken();
                 return;
             }
         };
@@ -119,7 +124,17 @@ fn run<H: WorkerHandler>(name: &str, epoll: &Epoll, fds: &[(RawFd, u64)], handle
                 return;
             }
             let ctl = WorkerCtl { epoll };
-            if handler.handle_event(token, &ctl) == WorkerAction::Stop {
+            // A bug in a device must not take the VMM down with it: contain the panic, mark
+            // the device broken, and wait for the reset.
+            let action = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handler.handle_event(token, &ctl)
+            }))
+            .unwrap_or_else(|_| {
+                error!("{name}: device worker panicked; device needs reset");
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.broken()));
+                WorkerAction::Stop
+            });
+            if action == WorkerAction::Stop {
                 // A broken device serves nothing until the driver resets it (which kills this
                 // thread): stop watching everything but the kill eventfd, so it costs no CPU.
                 for &(fd, token) in fds {
@@ -162,5 +177,52 @@ pub(crate) fn ring_result(
             irq.set_needs_reset();
             WorkerAction::Stop
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    struct Panicky {
+        calls: Arc<AtomicU32>,
+        broken: Arc<AtomicU32>,
+    }
+
+    impl WorkerHandler for Panicky {
+        fn handle_event(&mut self, _token: u64, _ctl: &WorkerCtl<'_>) -> WorkerAction {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            panic!("device bug");
+        }
+        fn broken(&mut self) {
+            self.broken.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_is_contained() {
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let broken = Arc::new(AtomicU32::new(0));
+        let handler = Panicky {
+            calls: calls.clone(),
+            broken: broken.clone(),
+        };
+        let mut w = Worker::spawn("test".into(), &[(fd.as_raw_fd(), 7)], handler).unwrap();
+        fd.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while broken.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "broken() not called");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Further events are ignored (the fd is no longer watched), and stop still joins.
+        fd.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        w.stop();
     }
 }

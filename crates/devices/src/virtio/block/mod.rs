@@ -257,6 +257,10 @@ impl BlockCounters {
 }
 
 impl WorkerHandler for BlockHandler {
+    fn broken(&mut self) {
+        self.irq.set_needs_reset();
+    }
+
     fn handle_event(&mut self, _token: u64, _ctl: &WorkerCtl<'_>) -> WorkerAction {
         let _ = self.queue.notify.read();
         let BlockHandler {

@@ -413,6 +413,10 @@ impl NetHandler {
 }
 
 impl WorkerHandler for NetHandler {
+    fn broken(&mut self) {
+        self.irq.set_needs_reset();
+    }
+
     fn handle_event(&mut self, token: u64, ctl: &WorkerCtl<'_>) -> WorkerAction {
         match token {
             TOKEN_RX => {
