@@ -193,3 +193,43 @@ pub fn seg(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn reads_content_length_and_chunked_bodies() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        let mut r = Cursor::new(&raw[..]);
+        let head = read_head(&mut r).unwrap();
+        assert_eq!(
+            (head.status, head.content_length, head.chunked),
+            (200, Some(5), false)
+        );
+        assert_eq!(read_body(&mut r, &head).unwrap(), b"hello");
+
+        let raw = b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
+        let mut r = Cursor::new(&raw[..]);
+        let head = read_head(&mut r).unwrap();
+        assert_eq!((head.status, head.chunked), (409, true));
+        assert_eq!(read_body(&mut r, &head).unwrap(), b"abcde");
+    }
+
+    #[test]
+    fn malformed_answers_are_errors_not_panics() {
+        let mut r = Cursor::new(&b"garbage\r\n\r\n"[..]);
+        assert!(matches!(read_head(&mut r), Err(ClientError::Protocol(_))));
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        let mut r = Cursor::new(&raw[..]);
+        let head = read_head(&mut r).unwrap();
+        assert!(read_body(&mut r, &head).is_err());
+    }
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(seg("web-01.x_y+z"), "web-01.x_y+z");
+        assert_eq!(seg("a b/c"), "a%20b%2Fc");
+    }
+}
