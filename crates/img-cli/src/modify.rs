@@ -112,7 +112,11 @@ pub fn rebase(a: RebaseArgs) -> Result<u8> {
                 _ => nb.fill(0),
             }
             if o != nb {
-                img.write_at(o, pos)?;
+                if crate::convert::is_zero(o) {
+                    img.write_zeroes(pos, n, false)?;
+                } else {
+                    img.write_at(o, pos)?;
+                }
             }
         }
         pb.inc(n);

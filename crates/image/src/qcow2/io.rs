@@ -122,6 +122,39 @@ impl State {
         Ok((n, None))
     }
 
+    /// The host range of plain, fully allocated data at guest `offset` (up to `len` bytes,
+    /// extended over host-contiguous clusters), if the L2 tables that say so are cached.
+    /// Needs only `&self`, so readers share the lock.
+    pub(crate) fn cached_data_run(&self, len: usize, offset: u64) -> Option<(usize, u64)> {
+        let cs = self.cs();
+        let n_l2 = self.hdr.l2_entries();
+        let stride = self.stride();
+        let cached = |vc: u64| -> Option<u64> {
+            let e = *self.l1.get((vc / n_l2) as usize)?;
+            let t = self.l2.peek(e & L1_OFFSET_MASK)?;
+            let at = ((vc % n_l2) * stride) as usize;
+            let bm = (stride == 2).then(|| t[at + 1]);
+            match l2::decode(t[at], bm, self.hdr.cluster_bits) {
+                Cluster::Normal {
+                    host,
+                    alloc: u32::MAX,
+                    ..
+                } if host != 0 && host.is_multiple_of(cs) && host < 1 << 56 => Some(host),
+                _ => None,
+            }
+        };
+        let vc = offset / cs;
+        let in_c = offset % cs;
+        let host = cached(vc)?;
+        let mut n = ((cs - in_c) as usize).min(len);
+        let mut next = vc + 1;
+        while n < len && cached(next) == Some(host + (next - vc) * cs) {
+            n = (n + cs as usize).min(len);
+            next += 1;
+        }
+        Some((n, host + in_c))
+    }
+
     /// Reads a piece of one guest cluster mapped as `c`.
     fn read_in_cluster(&mut self, c: Cluster, buf: &mut [u8], pos: u64) -> Result<()> {
         let cs = self.cs();

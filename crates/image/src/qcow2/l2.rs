@@ -121,6 +121,11 @@ impl L2Cache {
         }
     }
 
+    /// The table at `off` if it is cached.
+    pub fn peek(&self, off: u64) -> Option<&Vec<u64>> {
+        self.tables.get(&off)
+    }
+
     /// The table at `off`, loaded from `file` if absent.
     pub fn get(&mut self, file: &ImgFile, off: u64, cluster_size: u64) -> Result<&mut Vec<u64>> {
         if !self.tables.contains_key(&off) {

@@ -14,7 +14,7 @@ mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use check::{CheckReport, RepairMode};
 pub use create::CreateOptions;
@@ -36,7 +36,7 @@ const MAX_CHAIN_DEPTH: u32 = 64;
 
 /// An open qcow2 image.
 pub struct Qcow2 {
-    state: Mutex<State>,
+    state: RwLock<State>,
     size: AtomicU64,
     read_only: bool,
     path: PathBuf,
@@ -107,15 +107,19 @@ impl Qcow2 {
             cluster_size: st.hdr.cluster_size(),
             data: st.f.clone(),
             compression: st.hdr.compression,
-            state: Mutex::new(st),
+            state: RwLock::new(st),
             read_only: opts.read_only,
             path: path.to_owned(),
         })
     }
 
-    fn st(&self) -> MutexGuard<'_, State> {
+    fn st(&self) -> RwLockWriteGuard<'_, State> {
         // A panic while holding the lock would be a bug; the state is still the best we have.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn st_read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn path(&self) -> &Path {
@@ -490,12 +494,18 @@ impl BlockDevice for Qcow2 {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         crate::check_range(offset, buf.len() as u64, self.size())?;
         // Data reads run outside the lock so several queues or threads read in parallel;
-        // only the mapping lookups are serialised.
+        // plain data mapped by a cached L2 table needs only the shared lock, and only other
+        // lookups take the exclusive one.
         let mut done = 0usize;
         while done < buf.len() {
-            let (n, host) = self
-                .st()
-                .read_piece(&mut buf[done..], offset + done as u64)?;
+            let pos = offset + done as u64;
+            let cached = self.st_read().cached_data_run(buf.len() - done, pos);
+            if let Some((n, host)) = cached {
+                self.data.read_data(&mut buf[done..done + n], host)?;
+                done += n;
+                continue;
+            }
+            let (n, host) = self.st().read_piece(&mut buf[done..], pos)?;
             if let Some(host) = host {
                 self.data.read_data(&mut buf[done..done + n], host)?;
             }
