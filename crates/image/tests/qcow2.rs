@@ -880,3 +880,37 @@ fn zeroing_without_unmap_keeps_clusters_allocated() {
         qemu_check(&path);
     }
 }
+
+#[test]
+fn threads_read_and_write_one_image_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mt.qcow2");
+    create(&path, 16 << 20, |o| o.cluster_size = 4096);
+    let img = Qcow2::open(&path, &rw()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let img = &img;
+            s.spawn(move || {
+                // Each thread owns 4 MiB and checks every write it makes.
+                let base = t << 22;
+                let mut rng = fastrand::Rng::with_seed(t);
+                let mut model = vec![0u8; 4 << 20];
+                for _ in 0..300 {
+                    let len = rng.u64(1..20_000);
+                    let off = rng.u64(0..(4 << 20) - len);
+                    let fill = rng.u8(1..);
+                    img.write_at(&vec![fill; len as usize], base + off).unwrap();
+                    model[off as usize..(off + len) as usize].fill(fill);
+                    let roff = rng.u64(0..(4 << 20) - 8192);
+                    let mut b = vec![0u8; 8192];
+                    img.read_at(&mut b, base + roff).unwrap();
+                    assert!(b[..] == model[roff as usize..roff as usize + 8192]);
+                }
+            });
+        }
+    });
+    let r = img.check(RepairMode::None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    drop(img);
+    qemu_check(&path);
+}
