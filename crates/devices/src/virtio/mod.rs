@@ -15,6 +15,8 @@ mod transport;
 mod worker;
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod tests;

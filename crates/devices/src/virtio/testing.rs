@@ -273,6 +273,10 @@ impl TestDriver {
             avail_idx: 0,
             used_seen: 0,
         };
+        // Fresh, zeroed rings, as a driver allocates them.
+        self.mem
+            .write_slice(&vec![0u8; 0x3_0000], GuestAddress(base))
+            .unwrap();
         self.program_queue(&q, size);
         self.common_write(0x1c, 2, 1);
         q

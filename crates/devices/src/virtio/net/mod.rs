@@ -33,7 +33,7 @@ use crate::GuestMemory;
 pub const QUEUE_SIZE: u16 = 256;
 /// The largest frame that crosses the device: a 64 KiB GSO frame, its Ethernet and VLAN
 /// headers, and the vnet header.
-pub const MAX_FRAME: usize = 65535 + 14 + 4 + VNET_HDR_LEN;
+pub const MAX_FRAME: usize = 65536 + 256 + VNET_HDR_LEN;
 const RX: usize = 0;
 const TX: usize = 1;
 const TOKEN_RX: u64 = 0;
