@@ -111,12 +111,15 @@ async fn start(State(m): M, Path(name): Path<String>) -> R<Empty> {
     ok()
 }
 
-async fn shutdown(
-    State(m): M,
-    Path(name): Path<String>,
-    body: Option<Json<ShutdownRequest>>,
-) -> R<Empty> {
-    let timeout = body.and_then(|b| b.0.timeout_secs).map(Duration::from_secs);
+async fn shutdown(State(m): M, Path(name): Path<String>, body: axum::body::Bytes) -> R<Empty> {
+    // The body is optional: none (or empty) means "press the button and return".
+    let req: ShutdownRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ShutdownRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_arg(format!("shutdown request body: {e}")))?
+    };
+    let timeout = req.timeout_secs.map(Duration::from_secs);
     m.shutdown(&name, timeout).await?;
     ok()
 }

@@ -290,6 +290,11 @@ impl Manager {
                 st.state = DomainState::Running;
                 st.reason = StateReason::Unpaused;
             }
+            // The guest acknowledged the power button (libvirt's "in shutdown").
+            RunState::ShuttingDown => {
+                st.state = DomainState::InShutdown;
+                st.reason = StateReason::User;
+            }
             _ => {}
         }
     }
@@ -416,20 +421,10 @@ impl Manager {
                 .map_err(|e| {
                     ApiError::failed(format!("cannot press the power button of '{name}': {e}"))
                 })?;
-            let mut st = slot.lock();
-            if st.run.as_ref().map(|r| r.generation) == Some(run.generation) {
-                st.state = DomainState::InShutdown;
-                st.reason = StateReason::User;
-            }
         }
         let Some(t) = timeout else { return Ok(()) };
         if tokio::time::timeout(t, stopped.changed()).await.is_ok() {
             return Ok(());
-        }
-        let mut st = slot.lock();
-        if st.state == DomainState::InShutdown {
-            st.state = DomainState::Running;
-            st.reason = StateReason::Booted;
         }
         Err(ApiError::new(
             ErrorCode::OperationTimeout,

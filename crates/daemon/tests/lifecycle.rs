@@ -256,6 +256,19 @@ fn transient_domain_vanishes_at_shutoff() {
 }
 
 #[test]
+fn in_shutdown_while_the_guest_powers_off() {
+    let d = Daemon::start();
+    let xml = d
+        .xml("s2", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.shutdown_ms=800");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/s2/start", None);
+    d.ok("POST", "/v1/domains/s2/shutdown", None);
+    d.wait_state("s2", "in shutdown", "user");
+    d.wait_state("s2", "shut off", "shutdown");
+}
+
+#[test]
 fn shutdown_timeout_reports_and_keeps_running() {
     let d = Daemon::start();
     let xml = d

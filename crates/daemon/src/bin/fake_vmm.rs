@@ -6,6 +6,8 @@
 //! `--cmdline`, and by lines typed on the console:
 //!
 //! - cmdline `fake.ignore_acpi`: the power button does nothing (for shutdown timeouts)
+//! - cmdline `fake.shutdown_ms=N`: after the power button, report "shutting down" and power off
+//!   N ms later (default 50)
 //! - cmdline `fake.fail_start`: exit with an error before serving (a VMM that cannot start)
 //! - console `poweroff` / `reboot` / `panic`: exit as rvirt-vmm does on guest poweroff (0),
 //!   reboot (3) or crash (4); `progress`: print how many 10 ms ticks the vCPUs ran (stops while
@@ -28,7 +30,13 @@ struct Vm {
     tids: Mutex<Vec<i32>>,
     watchers: Mutex<Vec<UnixStream>>,
     ignore_acpi: bool,
+    /// `fake.shutdown_ms=N`: how long the guest takes to power off after the button.
+    shutdown_ms: Option<u64>,
     sockets: Vec<PathBuf>,
+}
+
+fn shutdown_delay_ms(vm: &Vm) -> u64 {
+    vm.shutdown_ms.unwrap_or(50)
 }
 
 impl Vm {
@@ -119,6 +127,10 @@ fn main() {
         tids: Mutex::new(vec![0; vcpus as usize]),
         watchers: Mutex::new(Vec::new()),
         ignore_acpi: cmdline.split_whitespace().any(|w| w == "fake.ignore_acpi"),
+        shutdown_ms: cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("fake.shutdown_ms="))
+            .and_then(|v| v.parse().ok()),
         sockets,
     });
     for n in 0..vcpus {
@@ -217,7 +229,10 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             if !vm.ignore_acpi {
                 let vm = vm.clone();
                 std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(50));
+                    vm.broadcast(&Event::StateChanged {
+                        state: RunState::ShuttingDown,
+                    });
+                    std::thread::sleep(Duration::from_millis(shutdown_delay_ms(&vm)));
                     vm.exit(ExitReason::Poweroff)
                 });
             }
