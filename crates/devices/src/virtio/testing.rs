@@ -113,11 +113,18 @@ impl TestQueue {
     /// Waits for the next used entry: (descriptor id, bytes written).
     pub fn wait_used(&mut self, mem: &GuestMemory) -> Option<(u32, u32)> {
         let deadline = Instant::now() + TIMEOUT;
+        let mut spins = 0u32;
         while self.used_idx(mem) == self.used_seen {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Spin briefly (completions usually take microseconds), then back off.
+            spins += 1;
+            if spins < 2000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(500));
+            }
         }
         let slot = u64::from(self.used_seen % self.size);
         let at = self.used + 4 + 8 * slot;
