@@ -295,6 +295,13 @@ fn hostile_receive_chains_drop_frames() {
 }
 
 #[test]
+fn adopting_an_fd_that_is_not_a_tap_fails_clearly() {
+    let (a, _b) = UnixDatagram::pair().unwrap();
+    let e = Tap::from_fd(OwnedFd::from(a)).unwrap_err();
+    assert!(e.to_string().contains("TUNGETIFF"), "{e}");
+}
+
+#[test]
 fn tap_name_is_validated() {
     for bad in ["", "a-very-long-tap-name", "a/b"] {
         let e = Tap::open(bad).unwrap_err();
@@ -414,6 +421,14 @@ fn real_tap_in_a_private_network_namespace() {
             }
         };
         assert_eq!(tap.name(), "rvtest0");
+        // The daemon's way: a TAP fd opened elsewhere, adopted by the VMM.
+        {
+            let other = Tap::open("rvtest1").expect("second TAP");
+            let fd = OwnedFd::from(other.file().try_clone().unwrap());
+            drop(other);
+            let adopted = Tap::from_fd(fd).expect("adopt a TAP fd");
+            assert_eq!(adopted.name(), "rvtest1");
+        }
         // The real TAP accepts the receive offloads the guest negotiates.
         tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
             .expect("TUNSETOFFLOAD");
