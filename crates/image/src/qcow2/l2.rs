@@ -1,6 +1,7 @@
 //! L2 tables: the entry encoding and a bounded cache of decoded tables.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::file::{decode_table, ImgFile};
 use crate::Result;
@@ -106,9 +107,31 @@ pub fn decode(entry: u64, bitmap: Option<u64>, cluster_bits: u32) -> Cluster {
     }
 }
 
+/// Hashes cluster offsets (multiples of 512) with one multiplication: SipHash costs more
+/// than the rest of a cached lookup, and the keys come from our own tables.
+#[derive(Default)]
+pub struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by host offsets.
+pub type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
+
 /// Decoded L2 tables keyed by host offset, bounded in memory.
 pub struct L2Cache {
-    tables: HashMap<u64, Vec<u64>>,
+    tables: OffsetMap<Vec<u64>>,
     cap: usize,
 }
 
@@ -116,7 +139,7 @@ impl L2Cache {
     /// A cache of at most `bytes` worth of tables of `cluster_size` bytes.
     pub fn new(bytes: u64, cluster_size: u64) -> Self {
         L2Cache {
-            tables: HashMap::new(),
+            tables: OffsetMap::default(),
             cap: (bytes / cluster_size).max(4) as usize,
         }
     }

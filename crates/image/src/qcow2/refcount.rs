@@ -22,7 +22,7 @@ pub struct Refcounts {
     pub table: Vec<u64>,
     pub table_offset: u64,
     pub table_clusters: u32,
-    cache: HashMap<u64, Vec<u8>>,
+    cache: super::l2::OffsetMap<Vec<u8>>,
     cache_cap: usize,
     free_hint: u64,
 }
@@ -99,7 +99,7 @@ impl Refcounts {
             table: decode_table(&buf),
             table_offset: offset,
             table_clusters: clusters,
-            cache: HashMap::new(),
+            cache: Default::default(),
             cache_cap,
             free_hint: 0,
         })
