@@ -530,7 +530,8 @@ impl BlockDevice for Qcow2 {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        // An image found corrupt while open refuses writes from then on.
+        self.read_only || self.st_read().read_only
     }
 
     fn supports_discard(&self) -> bool {
