@@ -758,6 +758,7 @@ fn corrupt_metadata_found_by_a_write_sets_the_corrupt_bit() {
         img.write_at(&[2; 512], 4096),
         Err(Error::ReadOnly(_))
     ));
+    assert!(img.read_only());
     drop(img);
     assert_eq!(std::fs::read(&path).unwrap()[79] & 2, 2);
     assert!(matches!(
