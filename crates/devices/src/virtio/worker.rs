@@ -18,13 +18,28 @@ pub struct WorkerCtl<'a> {
 }
 
 impl WorkerCtl<'_> {
-    /// Watches (`on`) or ignores `fd` for input readiness, reported with `token`.
+    /// Watches (`on`) or ignores `fd` for input readiness, reported with `token`. Ignoring
+    /// removes the fd from the epoll set: a mere empty interest mask would still report
+    /// EPOLLHUP/EPOLLERR and spin the loop on a dead backend.
     pub fn set_interest(&self, fd: RawFd, token: u64, on: bool) {
-        let set = if on { EventSet::IN } else { EventSet::empty() };
-        if let Err(e) = self
-            .epoll
-            .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
-        {
+        let result = if on {
+            let ev = EpollEvent::new(EventSet::IN, token);
+            match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.epoll.ctl(ControlOperation::Modify, fd, ev)
+                }
+                other => other,
+            }
+        } else {
+            match self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                other => other,
+            }
+        };
+        if let Err(e) = result {
             warn!("worker: cannot change interest of fd {fd}: {e}");
         }
     }

@@ -316,6 +316,9 @@ impl NetHandler {
             counters,
             ..
         } = self;
+        // Set when the TAP reports a hard error (e.g. its interface was deleted): it would stay
+        // readable-with-error forever, so stop polling it until the guest kicks rx again.
+        let mut tap_failed = false;
         let mut fetch = |frame: &mut Vec<u8>, frame_len: &mut Option<usize>| {
             if frame_len.is_some() {
                 return true;
@@ -326,50 +329,59 @@ impl NetHandler {
                         *frame_len = Some(n);
                         return true;
                     }
+                    Ok(0) => {
+                        // End of file: the backend's other end is gone.
+                        crate::guest_warn!("virtio-net: backend closed, receive paused");
+                        tap_failed = true;
+                        return false;
+                    }
                     Ok(_) => {
                         counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                     Err(e) => {
-                        crate::guest_warn!("virtio-net: TAP read failed: {e}");
+                        crate::guest_warn!("virtio-net: TAP read failed, receive paused: {e}");
+                        tap_failed = true;
                         return false;
                     }
                 }
             }
         };
-        if !fetch(frame, frame_len) {
-            return WorkerAction::Continue;
-        }
-        let result = rx.drain(mem, irq, |chain| {
-            if !fetch(frame, frame_len) {
-                return ChainOutcome::Retry;
-            }
-            let n = frame_len.take().expect("frame fetched");
-            // No mergeable buffers: each frame fills exactly one chain.
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            match write_frame(mem, chain, &frame[..n]) {
-                Some(len) => {
-                    counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .rx_bytes
-                        .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                    ChainOutcome::Used(len)
+        let have_frame = fetch(frame, frame_len);
+        let result = if have_frame {
+            rx.drain(mem, irq, |chain| {
+                if !fetch(frame, frame_len) {
+                    return ChainOutcome::Retry;
                 }
-                None => {
-                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                    crate::guest_warn!(
+                let n = frame_len.take().expect("frame fetched");
+                // No mergeable buffers: each frame fills exactly one chain.
+                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                match write_frame(mem, chain, &frame[..n]) {
+                    Some(len) => {
+                        counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .rx_bytes
+                            .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                        ChainOutcome::Used(len)
+                    }
+                    None => {
+                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        crate::guest_warn!(
                         "virtio-net: receive buffer too small or invalid for a {n}-byte frame; \
                          frame dropped"
                     );
-                    ChainOutcome::Used(0)
+                        ChainOutcome::Used(0)
+                    }
                 }
-            }
-        });
+            })
+        } else {
+            Ok(())
+        };
         let action = ring_result("virtio-net rx", result, irq);
         // A frame still waiting means the guest has no receive buffers: stop polling the TAP
         // until it posts some (its rx notify), so the loop does not spin.
-        let want_tap = frame_len.is_none();
+        let want_tap = frame_len.is_none() && !tap_failed;
         if want_tap != self.tap_watched {
             ctl.set_interest(self.tap.as_raw_fd(), TOKEN_TAP, want_tap);
             self.tap_watched = want_tap;

@@ -294,6 +294,74 @@ fn hostile_receive_chains_drop_frames() {
     assert_eq!(t.counter("rx_dropped"), 2);
 }
 
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two fds into the array we pass; we own them afterwards.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn a_dead_backend_does_not_spin_the_worker() {
+    // A SOCK_SEQPACKET backend reads as end-of-file once its peer is closed.
+    let (a, peer) = seqpacket_pair();
+    let net = Net::new(
+        Arc::new(PacketSocket::new(a).unwrap()),
+        NetConfig { mac: MAC },
+    );
+    let d = TestDriver::new(Box::new(net));
+    d.negotiate(!0);
+    let mut rx = d.setup_queue(0, 16);
+    let mut tx = d.setup_queue(1, 16);
+    d.driver_ok();
+    rx.add_chain(&d.mem, &[(RXBUF, 2048, true)]);
+    d.kick(0);
+    drop(peer);
+    std::thread::sleep(Duration::from_millis(50));
+    let counter = |name: &str| {
+        let c = d.dev.lock().unwrap().counters();
+        c.iter().find(|c| c.0 == name).unwrap().1
+    };
+    // The worker is not stuck: transmit is still served (the frame is dropped).
+    d.mem
+        .write_slice(&frame(20, 1), GuestAddress(TXBUF))
+        .unwrap();
+    tx.add_chain(&d.mem, &[(TXBUF, 32, false)]);
+    d.kick(1);
+    assert_eq!(tx.wait_used(&d.mem), Some((0, 0)));
+    assert_eq!(counter("tx_dropped"), 1);
+    assert_eq!(counter("rx_dropped"), 0);
+    assert_eq!(rx.used_idx(&d.mem), 0);
+    // And it is idle: its thread burns no CPU.
+    let cpu = || -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim() == "virtio-net" {
+                let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .collect();
+                total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            }
+        }
+        total
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        cpu() - before < 10,
+        "virtio-net worker busy-loops on a dead backend"
+    );
+}
+
 #[test]
 fn adopting_an_fd_that_is_not_a_tap_fails_clearly() {
     let (a, _b) = UnixDatagram::pair().unwrap();
