@@ -330,6 +330,11 @@ impl VirtioPciDevice {
         self.device.name()
     }
 
+    /// The virtio device id (1 net, 2 block, 4 entropy).
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
     /// The device status register (virtio `device_status`).
     pub fn status(&self) -> u8 {
         self.interrupt.status()
