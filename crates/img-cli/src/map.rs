@@ -202,7 +202,7 @@ pub fn measure(a: MeasureArgs) -> Result<u8> {
             (
                 size.next_multiple_of(cs),
                 required,
-                v3 && img.as_qcow2().is_some(),
+                v3 && img.as_qcow2().is_some_and(|q| q.header().version >= 3),
             )
         }
     };

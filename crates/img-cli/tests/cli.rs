@@ -205,7 +205,30 @@ fn json_of_check_map_measure_matches_qemu() {
     qok(&["bitmap", "--add", "-g", "512k", &bm, "b1"]);
     qemu_io(&bm, &["write -P 2 0 1m"]);
     assert_eq!(rvok(&["info", &bm]), qok(&["info", &bm]));
-    for img in [&base, &top, &comp, &raw, &pre, &bm] {
+    // Other layouts made by qemu-img.
+    let mut layouts = Vec::new();
+    for (name, opts) in [
+        ("extl2", "extended_l2=on"),
+        ("v2", "compat=0.10"),
+        ("c512", "cluster_size=512"),
+        ("c2m", "cluster_size=2M,lazy_refcounts=on"),
+    ] {
+        let p = d.p(&format!("{name}.qcow2"));
+        qok(&["create", "-q", "-f", "qcow2", "-o", opts, &p, "8M"]);
+        qemu_io(
+            &p,
+            &[
+                "write -P 1 0 100k",
+                "write -z 200k 8k",
+                "write -P 2 3m 3k",
+                "discard 0 4k",
+            ],
+        );
+        layouts.push(p);
+    }
+    let mut all = vec![&base, &top, &comp, &raw, &pre, &bm];
+    all.extend(layouts.iter());
+    for img in all {
         let is_raw = img.ends_with(".raw");
         for cmd in [
             vec!["check", "--output=json"],

@@ -247,7 +247,6 @@ impl State {
         let cs = self.cs();
         let stride = self.stride();
         let file_len = refs.counts.len() as u64 * cs;
-        let mut last_host = None;
         for &e in l1 {
             let off = e & L1_OFFSET_MASK;
             if off == 0 {
@@ -261,6 +260,8 @@ impl State {
                 continue;
             }
             refs.add(off, cs, "L2 table");
+            // Fragmentation is counted within each L2 table, as QEMU counts it.
+            let mut last_host: Option<u64> = None;
             let t = self.l2.get(&self.f, off, cs)?.clone();
             for k in 0..t.len() as u64 / stride {
                 let bm = (stride == 2).then(|| t[(k * stride + 1) as usize]);

@@ -738,7 +738,11 @@ impl State {
                 if alloc == u32::MAX {
                     // Data clusters whose host range is a hole in the file (preallocated
                     // metadata) read as zeroes, and map says so, as qemu-img does.
-                    let (hole, len) = self.host_segment(host + in_c, n)?;
+                    let (hole, len) = if self.metadata_preallocated()? {
+                        self.host_segment(host + in_c, n)?
+                    } else {
+                        (false, n)
+                    };
                     n = len;
                     e.length = n;
                     Some((hole, true, Some(host + in_c)))
@@ -764,8 +768,47 @@ impl State {
                 e.offset = offset;
                 Ok(e)
             }
-            None => self.map_backing(e),
+            None => {
+                let mut e = self.map_backing(e)?;
+                // Unallocated subclusters of a host cluster that no lower layer defines
+                // still sit at their place in it, and qemu-img map reports that offset.
+                if let (Cluster::Normal { host, .. }, false) = (c, e.present) {
+                    if host != 0 && e.depth == 0 {
+                        e.offset = Some(host + in_c);
+                    }
+                }
+                Ok(e)
+            }
         }
+    }
+
+    /// Whether the image looks created with `preallocation=metadata`: its last used cluster
+    /// lies well past the space the file really occupies. Only then are holes in the file
+    /// behind data clusters reported as zeroes, the same test qemu-img applies, so the two
+    /// tools print the same map.
+    fn metadata_preallocated(&mut self) -> Result<bool> {
+        if let Some(v) = self.prealloc_detected {
+            return Ok(v);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let cs = self.cs();
+        let meta = self
+            .f
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.f.path, e))?;
+        let real = meta.blocks() * 512 / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let mut last = 0;
+        for c in (0..meta.len().div_ceil(cs)).rev() {
+            if self.rc.get(c)? > 0 {
+                last = c;
+                break;
+            }
+        }
+        let v = last >= threshold;
+        self.prealloc_detected = Some(v);
+        Ok(v)
     }
 
     /// Whether the image file has a hole at `off`, and for how many of the next `len` bytes

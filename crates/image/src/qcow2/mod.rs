@@ -63,6 +63,8 @@ pub(crate) struct State {
     comp_cache: Option<(u64, Vec<u8>)>,
     /// Last data/hole segment of the image file seen by map: (start, end, is_hole).
     host_seg: Option<(u64, u64, bool)>,
+    /// Whether the image looks metadata-preallocated (see `metadata_preallocated`).
+    prealloc_detected: Option<bool>,
 }
 
 impl Qcow2 {
@@ -259,6 +261,7 @@ impl State {
             marked_dirty: false,
             comp_cache: None,
             host_seg: None,
+            prealloc_detected: None,
             f,
             hdr,
         })
@@ -381,6 +384,7 @@ impl State {
     fn mark_dirty(&mut self) -> Result<()> {
         // Every write path passes here: the file's holes may change.
         self.host_seg = None;
+        self.prealloc_detected = None;
         if self.marked_dirty || self.hdr.compatible & header::COMPAT_LAZY_REFCOUNTS == 0 {
             return Ok(());
         }
