@@ -4,7 +4,8 @@
 //! Frames cross the TAP with the 12-byte virtio-net header, so checksum and segmentation
 //! offloads pass straight through: the guest's transmit headers go to the kernel as they are,
 //! and TUNSETOFFLOAD tells the kernel which offloaded frames (partial checksums, TSO, UFO) the
-//! guest accepted on receive. The offloads offered are the ones the TAP accepts.
+//! guest accepted on receive. The offloads offered are the ones the TAP accepts. Receive uses
+//! mergeable buffers when the driver accepts VIRTIO_NET_F_MRG_RXBUF (Linux does).
 
 mod tap;
 
@@ -18,13 +19,14 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::DescriptorChain;
-use vm_memory::Bytes;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 pub use self::tap::{
     NetBackend, PacketSocket, Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN,
     TUN_F_UFO, VNET_HDR_LEN,
 };
-use super::queue::{ChainOutcome, QueueIo};
+use super::queue::{ChainOutcome, QueueIo, RingError};
 use super::worker::{ring_result, Worker, WorkerAction, WorkerCtl, WorkerHandler};
 use super::{bit, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
@@ -103,6 +105,7 @@ impl Net {
     pub fn new(backend: Arc<dyn NetBackend>, config: NetConfig) -> Self {
         let mut features = bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
             | bit(VIRTIO_RING_F_EVENT_IDX)
             | bit(VIRTIO_RING_F_INDIRECT_DESC);
         let accepts = |flags: u32| backend.set_offload(flags).is_ok();
@@ -218,6 +221,9 @@ impl VirtioDevice for Net {
             frame_len: None,
             tx_buf: vec![0; MAX_FRAME],
             tap_watched: true,
+            mergeable: ctx.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            parts: Vec::new(),
+            segs: Vec::new(),
             counters: self.counters.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-net".into(), &fds, handler).map_err(worker_err)?);
@@ -253,7 +259,66 @@ struct NetHandler {
     frame_len: Option<usize>,
     tx_buf: Vec<u8>,
     tap_watched: bool,
+    /// VIRTIO_NET_F_MRG_RXBUF negotiated: a frame may span several receive chains.
+    mergeable: bool,
+    /// Scratch for mergeable receive: the chains gathered for one frame and their buffers.
+    parts: Vec<RxPart>,
+    segs: Vec<(u64, u32)>,
     counters: Arc<NetCounters>,
+}
+
+/// One receive chain gathered for a frame: its head and its buffers in `segs[start..end]`
+/// (`end == start` for a chain that is unusable and will be returned empty).
+#[derive(Clone, Copy, Debug)]
+struct RxPart {
+    head: u16,
+    start: usize,
+    end: usize,
+}
+
+/// Reads one frame (with its vnet header) from the backend into `frame` unless one is already
+/// waiting. Returns whether a frame is ready; sets `failed` on EOF or a hard error.
+fn fetch_frame(
+    tap: &mut std::fs::File,
+    frame: &mut [u8],
+    frame_len: &mut Option<usize>,
+    counters: &NetCounters,
+    failed: &mut bool,
+) -> bool {
+    if frame_len.is_some() {
+        return true;
+    }
+    loop {
+        match tap.read(frame) {
+            Ok(n) if n >= VNET_HDR_LEN => {
+                *frame_len = Some(n);
+                return true;
+            }
+            Ok(0) => {
+                crate::guest_warn!("virtio-net: backend closed, receive paused");
+                *failed = true;
+                return false;
+            }
+            Ok(_) => {
+                counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                crate::guest_warn!("virtio-net: TAP read failed, receive paused: {e}");
+                *failed = true;
+                return false;
+            }
+        }
+    }
+}
+
+impl NetCounters {
+    fn count_rx(&self, frame_len: usize) {
+        self.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes
+            .fetch_add((frame_len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+    }
 }
 
 /// Copies `frame` into the chain's device-writable buffers. Returns the bytes written, or
@@ -306,6 +371,28 @@ fn read_frame(
 
 impl NetHandler {
     fn process_rx(&mut self, ctl: &WorkerCtl<'_>) -> WorkerAction {
+        // Set when the backend reports EOF or a hard error (e.g. the TAP interface was
+        // deleted): it would stay readable-with-error forever, so stop polling it until the
+        // guest kicks rx again.
+        let mut tap_failed = false;
+        let result = if self.mergeable {
+            self.rx_mergeable(&mut tap_failed)
+        } else {
+            self.rx_single(&mut tap_failed)
+        };
+        let action = ring_result("virtio-net rx", result, &self.irq);
+        // A frame still waiting means the guest has no receive buffers: stop polling the TAP
+        // until it posts some (its rx notify), so the loop does not spin.
+        let want_tap = self.frame_len.is_none() && !tap_failed;
+        if want_tap != self.tap_watched {
+            ctl.set_interest(self.tap.as_raw_fd(), TOKEN_TAP, want_tap);
+            self.tap_watched = want_tap;
+        }
+        action
+    }
+
+    /// Receive without mergeable buffers: each frame fills exactly one chain.
+    fn rx_single(&mut self, tap_failed: &mut bool) -> Result<(), RingError> {
         let NetHandler {
             mem,
             irq,
@@ -316,77 +403,152 @@ impl NetHandler {
             counters,
             ..
         } = self;
-        // Set when the TAP reports a hard error (e.g. its interface was deleted): it would stay
-        // readable-with-error forever, so stop polling it until the guest kicks rx again.
-        let mut tap_failed = false;
-        let mut fetch = |frame: &mut Vec<u8>, frame_len: &mut Option<usize>| {
-            if frame_len.is_some() {
-                return true;
+        if !fetch_frame(tap, frame, frame_len, counters, tap_failed) {
+            return Ok(());
+        }
+        rx.drain(mem, irq, |chain| {
+            if !fetch_frame(tap, frame, frame_len, counters, tap_failed) {
+                return ChainOutcome::Retry;
             }
-            loop {
-                match tap.read(frame) {
-                    Ok(n) if n >= VNET_HDR_LEN => {
-                        *frame_len = Some(n);
-                        return true;
-                    }
-                    Ok(0) => {
-                        // End of file: the backend's other end is gone.
-                        crate::guest_warn!("virtio-net: backend closed, receive paused");
-                        tap_failed = true;
-                        return false;
-                    }
-                    Ok(_) => {
-                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-                    Err(e) => {
-                        crate::guest_warn!("virtio-net: TAP read failed, receive paused: {e}");
-                        tap_failed = true;
-                        return false;
-                    }
+            let n = frame_len.take().expect("frame fetched");
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            match write_frame(mem, chain, &frame[..n]) {
+                Some(len) => {
+                    counters.count_rx(n);
+                    ChainOutcome::Used(len)
                 }
-            }
-        };
-        let have_frame = fetch(frame, frame_len);
-        let result = if have_frame {
-            rx.drain(mem, irq, |chain| {
-                if !fetch(frame, frame_len) {
-                    return ChainOutcome::Retry;
-                }
-                let n = frame_len.take().expect("frame fetched");
-                // No mergeable buffers: each frame fills exactly one chain.
-                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                match write_frame(mem, chain, &frame[..n]) {
-                    Some(len) => {
-                        counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .rx_bytes
-                            .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                        ChainOutcome::Used(len)
-                    }
-                    None => {
-                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                        crate::guest_warn!(
+                None => {
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    crate::guest_warn!(
                         "virtio-net: receive buffer too small or invalid for a {n}-byte frame; \
                          frame dropped"
                     );
-                        ChainOutcome::Used(0)
-                    }
+                    ChainOutcome::Used(0)
                 }
-            })
-        } else {
-            Ok(())
-        };
-        let action = ring_result("virtio-net rx", result, irq);
-        // A frame still waiting means the guest has no receive buffers: stop polling the TAP
-        // until it posts some (its rx notify), so the loop does not spin.
-        let want_tap = frame_len.is_none() && !tap_failed;
-        if want_tap != self.tap_watched {
-            ctl.set_interest(self.tap.as_raw_fd(), TOKEN_TAP, want_tap);
-            self.tap_watched = want_tap;
+            }
+        })
+    }
+
+    /// Receive with mergeable buffers: a frame is spread over as many chains as it needs,
+    /// `num_buffers` in its header says how many, and their used entries are contiguous.
+    /// Chains are only consumed once enough of them are available for the whole frame.
+    fn rx_mergeable(&mut self, tap_failed: &mut bool) -> Result<(), RingError> {
+        let NetHandler {
+            mem,
+            irq,
+            rx,
+            tap,
+            frame,
+            frame_len,
+            parts,
+            segs,
+            counters,
+            ..
+        } = self;
+        let mem: &GuestMemory = mem;
+        let index = rx.index;
+        let err = |source| RingError { index, source };
+        let size = rx.queue.size();
+        let mut popped = 0usize;
+        let mut used_any = false;
+        rx.queue.disable_notification(mem).map_err(err)?;
+        'frames: while fetch_frame(tap, frame, frame_len, counters, tap_failed) {
+            if popped >= usize::from(size) {
+                // Bounded work per wake-up; come back through our own eventfd.
+                let _ = rx.notify.write(1);
+                break;
+            }
+            let n = frame_len.expect("frame fetched");
+            parts.clear();
+            segs.clear();
+            let mut capacity = 0usize;
+            while capacity < n {
+                let avail = rx.queue.avail_idx(mem, Ordering::Acquire).map_err(err)?;
+                let pending = avail.0.wrapping_sub(rx.queue.next_avail());
+                if pending > size {
+                    return Err(err(virtio_queue::Error::InvalidAvailRingIndex));
+                }
+                if pending == 0 {
+                    if rx.queue.enable_notification(mem).map_err(err)? {
+                        continue;
+                    }
+                    // Not enough buffers for this frame: give the chains back and wait for
+                    // the guest's next rx kick, keeping the frame — unless a whole ring of
+                    // buffers cannot hold it, then it can never be delivered: drop it.
+                    for _ in 0..parts.len() {
+                        rx.queue.go_to_previous_position();
+                    }
+                    if parts.len() >= usize::from(size) {
+                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        crate::guest_warn!(
+                            "virtio-net: a full ring of receive buffers cannot hold a \
+                             {n}-byte frame; frame dropped"
+                        );
+                        *frame_len = None;
+                        continue 'frames;
+                    }
+                    break 'frames;
+                }
+                let chain = rx
+                    .queue
+                    .iter(mem)
+                    .map_err(err)?
+                    .next()
+                    .ok_or(err(virtio_queue::Error::InvalidAvailRingIndex))?;
+                popped += 1;
+                let head = chain.head_index();
+                let start = segs.len();
+                let mut ok = head < size;
+                for d in chain {
+                    if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
+                        ok = false;
+                        break;
+                    }
+                    segs.push((d.addr().0, d.len()));
+                }
+                let chain_cap: usize = segs[start..].iter().map(|s| s.1 as usize).sum();
+                if !ok || chain_cap == 0 {
+                    segs.truncate(start);
+                    crate::guest_warn!(
+                        "virtio-net: receive chain {head} is unusable (device-readable, outside \
+                         guest memory or empty); returned empty"
+                    );
+                } else {
+                    capacity += chain_cap;
+                }
+                parts.push(RxPart {
+                    head,
+                    start,
+                    end: segs.len(),
+                });
+            }
+            // Unusable chains go back first (empty), then the frame's chains, contiguously.
+            let good = parts.iter().filter(|p| p.end > p.start).count();
+            frame[10..12].copy_from_slice(&(good as u16).to_le_bytes());
+            for p in parts.iter().filter(|p| p.end == p.start && p.head < size) {
+                rx.queue.add_used(mem, p.head, 0).map_err(err)?;
+            }
+            let mut off = 0usize;
+            for p in parts.iter().filter(|p| p.end > p.start) {
+                let first = off;
+                for &(addr, len) in &segs[p.start..p.end] {
+                    let k = (len as usize).min(n - off);
+                    if k == 0 {
+                        break;
+                    }
+                    // The range was checked when the chain was gathered.
+                    let _ = mem.write_slice(&frame[off..off + k], GuestAddress(addr));
+                    off += k;
+                }
+                rx.queue
+                    .add_used(mem, p.head, (off - first) as u32)
+                    .map_err(err)?;
+            }
+            used_any = true;
+            counters.count_rx(n);
+            *frame_len = None;
         }
-        action
+        rx.flush(mem, irq, used_any)
     }
 
     fn process_tx(&mut self) -> WorkerAction {

@@ -122,7 +122,7 @@ fn config_and_offered_features() {
     ] {
         assert_ne!(t.features & (1 << f), 0, "feature {f} offered");
     }
-    assert_eq!(t.features & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+    assert_ne!(t.features & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
 }
 
 #[test]
@@ -224,7 +224,8 @@ fn frames_wait_for_receive_buffers() {
 
 #[test]
 fn receive_buffer_too_small_drops_the_frame() {
-    let mut t = setup();
+    // Without mergeable buffers a frame must fit one chain.
+    let mut t = setup_with(!(1 << VIRTIO_NET_F_MRG_RXBUF), 0);
     t.rx.add_chain(&t.d.mem, &[(RXBUF, 20, true)]);
     t.rx.add_chain(&t.d.mem, &[(RXBUF + 0x1000, 2048, true)]);
     t.d.kick(0);
@@ -277,10 +278,14 @@ fn hostile_transmit_chains_are_dropped() {
     assert_eq!(t.d.status() & 0x40, 0);
 }
 
-#[test]
-fn hostile_receive_chains_drop_frames() {
-    let mut t = setup();
-    // A device-readable receive buffer, then one outside guest memory.
+fn hostile_receive_chains(mergeable: bool) {
+    let wanted = if mergeable {
+        !0
+    } else {
+        !(1 << VIRTIO_NET_F_MRG_RXBUF)
+    };
+    let mut t = setup_with(wanted, 0);
+    // A device-readable receive buffer, then one outside guest memory, then a good one.
     t.rx.add_chain(&t.d.mem, &[(RXBUF, 2048, false)]);
     t.rx.add_chain(&t.d.mem, &[(MEM_SIZE as u64 - 16, 2048, true)]);
     t.rx.add_chain(&t.d.mem, &[(RXBUF + 0x1000, 2048, true)]);
@@ -291,7 +296,89 @@ fn hostile_receive_chains_drop_frames() {
     assert_eq!(t.rx.wait_used(&t.d.mem), Some((0, 0)));
     assert_eq!(t.rx.wait_used(&t.d.mem), Some((1, 0)));
     assert_eq!(t.rx.wait_used(&t.d.mem), Some((2, 62)));
-    assert_eq!(t.counter("rx_dropped"), 2);
+    // Without mergeable buffers each bad chain costs a frame; with them the frame waits for
+    // a usable buffer.
+    let first_delivered = if mergeable { 0 } else { 2 };
+    assert_eq!(
+        t.guest(RXBUF + 0x1000 + 12, 50),
+        frame(50, first_delivered)[12..]
+    );
+    assert_eq!(t.counter("rx_dropped"), if mergeable { 0 } else { 2 });
+    assert_eq!(t.d.status() & 0x40, 0);
+}
+
+#[test]
+fn hostile_receive_chains_single_buffers() {
+    hostile_receive_chains(false);
+}
+
+#[test]
+fn hostile_receive_chains_mergeable_buffers() {
+    hostile_receive_chains(true);
+}
+
+#[test]
+fn mergeable_frame_spans_several_buffers() {
+    let mut t = setup();
+    assert_ne!(t.features & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+    for i in 0..3u64 {
+        t.rx.add_chain(&t.d.mem, &[(RXBUF + i * 0x1000, 1024, true)]);
+    }
+    t.d.kick(0);
+    let f = frame(2500, 9);
+    t.peer.send(&f).unwrap();
+    let mut got = Vec::new();
+    for (i, want) in [1024u32, 1024, (f.len() - 2048) as u32]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(t.rx.wait_used(&t.d.mem), Some((i as u32, want)));
+        got.extend(t.guest(RXBUF + i as u64 * 0x1000, want as usize));
+    }
+    assert_eq!(&got[10..12], &3u16.to_le_bytes(), "num_buffers");
+    assert_eq!(&got[12..], &f[12..]);
+    assert_eq!(t.counter("rx_frames"), 1);
+}
+
+#[test]
+fn mergeable_frame_larger_than_the_whole_ring_is_dropped() {
+    let mut t = setup();
+    // 16 buffers of 64 bytes cannot hold a 2000-byte frame.
+    for i in 0..16u64 {
+        t.rx.add_chain(&t.d.mem, &[(RXBUF + i * 0x100, 64, true)]);
+    }
+    t.d.kick(0);
+    t.peer.send(&frame(2000, 1)).unwrap();
+    t.peer.send(&frame(40, 2)).unwrap();
+    assert_eq!(
+        t.rx.wait_used(&t.d.mem),
+        Some((0, 52)),
+        "next frame delivered"
+    );
+    assert_eq!(t.counter("rx_dropped"), 1);
+}
+
+#[test]
+fn mergeable_frame_waits_for_enough_buffers() {
+    let mut t = setup();
+    t.post_rx(RXBUF, 1024);
+    let f = frame(2000, 4);
+    t.peer.send(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        t.rx.used_idx(&t.d.mem),
+        0,
+        "one buffer is not enough: nothing used"
+    );
+    t.post_rx(RXBUF + 0x1000, 1024);
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((0, 1024)));
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((1, (f.len() - 1024) as u32)));
+    assert_eq!(&t.guest(RXBUF + 10, 2), &2u16.to_le_bytes());
+    // The TAP is polled again afterwards.
+    t.post_rx(RXBUF + 0x2000, 1024);
+    t.peer.send(&frame(10, 1)).unwrap();
+    assert_eq!(t.rx.wait_used(&t.d.mem), Some((2, 22)));
+    assert_eq!(&t.guest(RXBUF + 0x2000 + 10, 2), &1u16.to_le_bytes());
 }
 
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
