@@ -82,11 +82,12 @@ pub struct Tap {
     name: String,
 }
 
-/// ioctl with a pointer argument.
-fn ioctl_ptr<T>(fd: &File, req: libc::Ioctl, arg: *mut T) -> io::Result<()> {
-    // SAFETY: `fd` is an open file owned by the caller; `arg` points to a live value of the
-    // type the request expects (checked by each call site), valid for the whole call.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) };
+/// ioctl whose argument is a pointer to `arg`. Private: every call site passes the type its
+/// request expects (`IfReq` for TUNSETIFF/TUNGETIFF, `c_int` for TUNSETVNETHDRSZ).
+fn ioctl_ptr<T>(fd: &File, req: libc::Ioctl, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `fd` is an open file; `arg` is a live, exclusively borrowed value of the type
+    // the request reads or writes, valid for the whole call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
