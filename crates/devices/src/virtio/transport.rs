@@ -478,11 +478,10 @@ impl VirtioPciDevice {
         let len = data.len() as u64;
         let features_locked = self.interrupt.status() & VIRTIO_CONFIG_S_FEATURES_OK as u8 != 0;
         let index = usize::from(self.queue_select);
-        let queue_writable = !self.activated
-            && self
-                .queues
-                .get(index)
-                .is_some_and(|q| !q.enabled || offset == 0x1a);
+        // Ring registers are frozen once a queue is enabled or the device runs; the vector
+        // may change at any time (workers read it atomically).
+        let queue_exists = index < self.queues.len();
+        let queue_writable = !self.activated && self.queues.get(index).is_some_and(|q| !q.enabled);
         match (offset, len) {
             (0x00, 4) => self.device_feature_select = value as u32,
             (0x08, 4) => self.driver_feature_select = value as u32,
@@ -502,7 +501,7 @@ impl VirtioPciDevice {
             (0x14, 1) => self.write_status(value as u8),
             (0x16, 2) => self.queue_select = value as u16,
             (0x18, 2) if queue_writable => self.queues[index].size = value as u16,
-            (0x1a, 2) if queue_writable => {
+            (0x1a, 2) if queue_exists => {
                 let v = self.valid_vector(value as u16);
                 self.interrupt.set_queue_vector(index, v);
             }
