@@ -597,3 +597,50 @@ fn a_full_descriptor_table_of_requests_in_one_kick() {
             .all(|&x| x == 100 + i as u8));
     }
 }
+
+#[test]
+fn qcow2_image_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    let opts = rvirt_image::qcow2::CreateOptions {
+        size: 4 << 20,
+        ..Default::default()
+    };
+    rvirt_image::create_image(&path, rvirt_image::Format::Qcow2, &opts).unwrap();
+    let write = |pattern: u8| {
+        let image =
+            rvirt_image::open_image(&path, None, &rvirt_image::OpenOptions::default()).unwrap();
+        let mut b = setup(Arc::new(image), BlockConfig::default());
+        assert_eq!(b.d.device_cfg(0, 8), 8192, "capacity of a 4 MiB image");
+        assert_ne!(
+            b.features & (1 << VIRTIO_BLK_F_DISCARD),
+            0,
+            "qcow2 can discard"
+        );
+        b.fill(BUF, 8192, pattern);
+        assert_eq!(
+            b.request(VIRTIO_BLK_T_OUT, 3000, &[(BUF, 8192, false)]),
+            (OK, 1)
+        );
+        assert_eq!(b.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+    };
+    write(0x3c);
+    // Reopened read-only by a fresh device: the data is there, and writes are refused.
+    let ro = rvirt_image::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let image = rvirt_image::open_image(&path, None, &ro).unwrap();
+    let mut b = setup(Arc::new(image), BlockConfig::default());
+    assert_ne!(b.features & (1 << VIRTIO_BLK_F_RO), 0);
+    b.fill(BUF + 0x4000, 8192, 0);
+    assert_eq!(
+        b.request(VIRTIO_BLK_T_IN, 3000, &[(BUF + 0x4000, 8192, true)]),
+        (OK, 8193)
+    );
+    assert!(b.guest(BUF + 0x4000, 8192).iter().all(|&x| x == 0x3c));
+    assert_eq!(
+        b.request(VIRTIO_BLK_T_OUT, 0, &[(BUF, 512, false)]),
+        (IOERR, 1)
+    );
+}
