@@ -7,8 +7,6 @@
 
 use std::sync::Arc;
 
-use log::warn;
-
 use super::config::PciConfigSpace;
 use super::PciError;
 use crate::interrupt::{MsiMessage, MsiRouting, MsiVector};
@@ -162,13 +160,13 @@ impl MsixState {
             .routing
             .update_route(gsi, self.entries[v].message(), self.masked(v))
         {
-            warn!("MSI-X vector {v} (GSI {gsi}): route update failed: {e}");
+            crate::guest_warn!("MSI-X vector {v} (GSI {gsi}): route update failed: {e}");
         }
     }
 
     fn fire(&self, v: usize) {
         if let Err(e) = self.vectors[v].eventfd.write(1) {
-            warn!("MSI-X vector {v}: irqfd write failed: {e}");
+            crate::guest_warn!("MSI-X vector {v}: irqfd write failed: {e}");
         }
     }
 

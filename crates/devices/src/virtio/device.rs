@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -130,7 +129,7 @@ impl VirtioInterrupt {
     pub fn signal_queue(&self, index: usize) {
         match self.queue_vectors.get(index) {
             Some(v) => self.raise(v.load(Ordering::Acquire), ISR_QUEUE),
-            None => warn!("virtio: interrupt for unknown queue {index}"),
+            None => crate::guest_warn!("virtio: interrupt for unknown queue {index}"),
         }
     }
 

@@ -19,7 +19,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{error, info, warn};
+use log::{debug, error, warn};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -386,7 +386,7 @@ impl VirtioPciDevice {
         if let Some(old) = self.registered_base.take() {
             for (q, fd) in self.notify.iter().enumerate() {
                 if let Err(e) = self.ioevents.unregister(notify_addr(old, q), fd) {
-                    warn!("virtio {}: queue {q} ioeventfd: {e}", self.device.name());
+                    crate::guest_warn!("virtio {}: queue {q} ioeventfd: {e}", self.device.name());
                 }
             }
         }
@@ -394,7 +394,7 @@ impl VirtioPciDevice {
             for (q, fd) in self.notify.iter().enumerate() {
                 if let Err(e) = self.ioevents.register(notify_addr(base, q), fd) {
                     // Notifications still work through MMIO exits, only slower.
-                    warn!(
+                    crate::guest_warn!(
                         "virtio {}: queue {q} ioeventfd at {:#x}: {e}",
                         self.device.name(),
                         notify_addr(base, q)
@@ -632,14 +632,15 @@ impl VirtioPciDevice {
         match self.device.activate(ctx) {
             Ok(()) => {
                 self.activated = true;
-                info!(
+                // Guests can reset and re-activate at will: keep this out of normal logs.
+                debug!(
                     "virtio {}: activated with features {:#x}",
                     self.device.name(),
                     self.driver_features
                 );
             }
             Err(e) => {
-                warn!("{e}; device needs reset");
+                crate::guest_warn!("{e}; device needs reset");
                 self.interrupt.set_needs_reset();
             }
         }
