@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use rvirt_image::BlockDevice;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -59,15 +59,21 @@ pub struct Block {
     props: DiskProps,
     features: u64,
     config: [u8; CONFIG_SIZE],
+    queue_sizes: Vec<u16>,
     counters: Arc<BlockCounters>,
-    worker: Option<Worker>,
+    /// One worker per enabled request queue.
+    workers: Vec<Worker>,
 }
+
+/// The most request queues a disk offers.
+pub const MAX_QUEUES: u16 = 16;
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
             .field("props", &self.props)
-            .field("running", &self.worker.is_some())
+            .field("queues", &self.queue_sizes.len())
+            .field("running", &!self.workers.is_empty())
             .finish()
     }
 }
@@ -122,9 +128,25 @@ impl Block {
             props,
             features,
             config: c,
+            queue_sizes: vec![QUEUE_SIZE],
             counters: Arc::default(),
-            worker: None,
+            workers: Vec::new(),
         }
+    }
+
+    /// Offers `n` request queues (`VIRTIO_BLK_F_MQ`, clamped to 1..=[`MAX_QUEUES`]), each
+    /// served by its own worker thread so requests from different vCPUs run in parallel.
+    /// QEMU's default is one queue per vCPU.
+    pub fn with_num_queues(mut self, n: u16) -> Self {
+        let n = n.clamp(1, MAX_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(n)];
+        self.config[34..36].copy_from_slice(&n.to_le_bytes());
+        if n > 1 {
+            self.features |= bit(VIRTIO_BLK_F_MQ);
+        } else {
+            self.features &= !bit(VIRTIO_BLK_F_MQ);
+        }
+        self
     }
 
     /// The capacity the guest sees, in 512-byte sectors.
@@ -148,7 +170,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -166,41 +188,45 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let q = ctx
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::MissingQueue {
+        // Drivers may use fewer queues than offered (Linux: at most one per CPU); serve the
+        // ones they enabled.
+        if ctx.queues.is_empty() {
+            return Err(ActivateError::MissingQueue {
                 device: "block",
                 index: 0,
+            });
+        }
+        let mut workers = Vec::with_capacity(ctx.queues.len());
+        for q in ctx.queues {
+            let fds = [(q.notify.as_raw_fd(), 0)];
+            let handler = BlockHandler {
+                mem: ctx.mem.clone(),
+                irq: ctx.interrupt.clone(),
+                queue: QueueIo {
+                    index: q.index,
+                    queue: q.queue,
+                    notify: q.notify,
+                },
+                disk: self.disk.clone(),
+                props: self.props.clone(),
+                buf: Vec::new(),
+                counters: self.counters.clone(),
+            };
+            let worker = Worker::spawn("virtio-blk".into(), &fds, handler).map_err(|source| {
+                ActivateError::Worker {
+                    device: "block",
+                    source,
+                }
             })?;
-        let fds = [(q.notify.as_raw_fd(), 0)];
-        let handler = BlockHandler {
-            mem: ctx.mem,
-            irq: ctx.interrupt,
-            queue: QueueIo {
-                index: q.index,
-                queue: q.queue,
-                notify: q.notify,
-            },
-            disk: self.disk.clone(),
-            props: self.props.clone(),
-            buf: Vec::new(),
-            counters: self.counters.clone(),
-        };
-        let worker = Worker::spawn("virtio-blk".into(), &fds, handler).map_err(|source| {
-            ActivateError::Worker {
-                device: "block",
-                source,
-            }
-        })?;
-        self.worker = Some(worker);
+            workers.push(worker);
+        }
+        self.workers = workers;
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Joins the worker: every request it started has completed.
-        self.worker = None;
+        // Joins the workers: every request they started has completed.
+        self.workers.clear();
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
