@@ -50,6 +50,13 @@ pub struct ConvertArgs {
     /// Source cache mode (accepted for qemu-img compatibility; reads use the page cache).
     #[arg(short = 'T')]
     src_cache: Option<String>,
+    /// Allow out-of-order writes (accepted for qemu-img compatibility; rvirt-img's writer is
+    /// a single ordered stream).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Number of parallel requests (accepted for qemu-img compatibility).
+    #[arg(short = 'm')]
+    parallel: Option<u32>,
     /// Read sources without taking their lock.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -134,7 +141,7 @@ pub fn run(mut a: ConvertArgs) -> Result<u8> {
             .flush()
             .with_context(|| format!("flushing '{}'", out_path.display()))?;
     }
-    let _ = a.src_cache;
+    let _ = (a.src_cache, a.out_of_order, a.parallel);
     pb.finish_and_clear();
     Ok(0)
 }

@@ -371,7 +371,9 @@ fn convert_between_formats_with_compression_and_backing() {
     qok(&["compare", &raw, &pre]);
     qcheck(&pre);
     let full = d.p("full.qcow2");
-    rvok(&["convert", "-S", "0", "-O", "qcow2", "-p", &raw, &full]);
+    rvok(&[
+        "convert", "-S", "0", "-O", "qcow2", "-p", "-W", "-m", "8", "-t", "none", &raw, &full,
+    ]);
     let chk = json(&qok(&["check", "--output=json", &full]));
     assert_eq!(chk["allocated-clusters"], 96);
 }
