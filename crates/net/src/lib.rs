@@ -1,1 +1,11 @@
-//! rvirt virtual networks: bridges, TAPs, dnsmasq and nftables.
+//! rvirt virtual networks: libvirt network XML, bridges, TAPs, dnsmasq and nftables.
+//!
+//! The daemon calls [`NetworkManager`]; everything else is the parts it is built from.
+
+mod addr;
+pub mod validate;
+pub mod xml;
+
+pub use addr::{Ipv4Net, MacAddr};
+pub use validate::{validate, HostView, ValidateError};
+pub use xml::{ForwardMode, NetworkDef, XmlError};
