@@ -9,3 +9,8 @@ pub mod xml;
 pub use addr::{Ipv4Net, MacAddr};
 pub use validate::{validate, HostView, ValidateError};
 pub use xml::{ForwardMode, NetworkDef, XmlError};
+pub mod dnsmasq;
+pub mod link;
+pub mod manager;
+pub mod nft;
+pub use manager::{AttachedTap, InterfaceSource, NetError, NetworkInfo, NetworkManager};

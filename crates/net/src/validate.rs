@@ -53,7 +53,7 @@ pub struct HostView {
     /// Destinations of the host's IPv4 routes, excluding default routes and routes on links that
     /// belong to the network being checked.
     pub routes: Vec<(Ipv4Net, String)>,
-    /// Names of existing links not owned by this network.
+    /// Names of existing links, excluding the network's own bridge.
     pub links: Vec<String>,
 }
 
@@ -77,6 +77,13 @@ pub fn validate(def: &NetworkDef, host: &HostView) -> Result<(), ValidateError> 
                 user: format!("network '{}'", other.name),
             });
         }
+    }
+    if host.links.contains(&bridge.name) {
+        return Err(ValidateError::BridgeInUse {
+            net,
+            bridge: bridge.name.clone(),
+            user: "an existing host link".into(),
+        });
     }
     let ip = def.ip.as_ref().ok_or(ValidateError::MissingIp {
         net: net.clone(),
