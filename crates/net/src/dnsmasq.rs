@@ -248,3 +248,48 @@ pub fn leases(net: &str, run_dir: &Path) -> Vec<Lease> {
         .map(|t| parse_leases(&t))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_binds_only_the_bridge_and_lists_hosts() {
+        let def = crate::xml::parse(
+            "<network><name>n</name><bridge name='rvb0'/><domain name='lab'/>\
+             <ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.10' end='10.1.0.19'/>\
+             <host mac='52:54:00:00:00:01' name='web' ip='10.1.0.5'/></dhcp></ip></network>",
+        )
+        .unwrap();
+        let files = DnsmasqFiles::new(Path::new("/r"), "n");
+        let c = config(&def, &files);
+        for line in [
+            "bind-dynamic",
+            "interface=rvb0",
+            "except-interface=lo",
+            "pid-file=/r/n.pid",
+            "dhcp-range=10.1.0.10,10.1.0.19,255.255.255.0",
+            "dhcp-host=52:54:00:00:00:01,10.1.0.5,web",
+            "dhcp-leasefile=/r/n.leases",
+            "dhcp-lease-max=11",
+            "domain=lab",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line}:\n{c}");
+        }
+    }
+
+    #[test]
+    fn parses_lease_files_and_skips_junk() {
+        let text = "1700000000 52:54:00:aa:bb:cc 10.1.0.12 guest1 01:52:54:00:aa:bb:cc\n\
+                    0 52:54:00:aa:bb:cd 10.1.0.13 * *\n\
+                    duid 00:01:00:01:2c:aa\n\
+                    garbage line\n\
+                    1700000000 zz:54:00:aa:bb:cc 10.1.0.14 x *\n";
+        let l = parse_leases(text);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].hostname.as_deref(), Some("guest1"));
+        assert_eq!(l[0].client_id.as_deref(), Some("01:52:54:00:aa:bb:cc"));
+        assert_eq!((l[1].expiry, l[1].hostname.as_deref()), (0, None));
+        assert_eq!(l[1].ip, Ipv4Addr::new(10, 1, 0, 13));
+    }
+}

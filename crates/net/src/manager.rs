@@ -103,6 +103,8 @@ fn tap_owner(domain: &str) -> String {
 pub struct NetworkManager {
     defs: PathBuf,
     run: PathBuf,
+    /// Serializes changes: two calls racing on one network or on TAP names would clash.
+    lock: std::sync::Mutex<()>,
 }
 
 impl NetworkManager {
@@ -111,6 +113,7 @@ impl NetworkManager {
         let m = NetworkManager {
             defs: state_dir.join("networks"),
             run: run_dir.join("networks"),
+            lock: std::sync::Mutex::new(()),
         };
         for d in [m.defs.join("autostart"), m.run.clone()] {
             std::fs::create_dir_all(&d).map_err(io("cannot create", &d))?;
@@ -173,6 +176,7 @@ impl NetworkManager {
 
     /// `net-define`: parses, validates and stores a definition; returns it (with a UUID).
     pub fn define(&self, xml_text: &str) -> Result<NetworkDef> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut def = xml::parse(xml_text)?;
         let nl = Netlink::new()?;
         let mut host = self.host_view(&nl, &def.name)?;
@@ -217,6 +221,7 @@ impl NetworkManager {
 
     /// `net-undefine`: refused while the network runs.
     pub fn undefine(&self, name: &str) -> Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.definition(name)?;
         if self.is_active(name) {
             return Err(NetError::Active(name.into()));
@@ -291,6 +296,7 @@ impl NetworkManager {
 
     /// `net-start`. On failure everything created so far is removed again.
     pub fn start(&self, name: &str) -> Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let def = self.definition(name)?;
         if self.is_active(name) {
             return Err(NetError::AlreadyActive(name.into()));
@@ -383,6 +389,7 @@ impl NetworkManager {
     /// `net-destroy`: refused while guest TAPs are attached unless `force` (then they are
     /// detached and deleted; their VMs lose the link).
     pub fn destroy(&self, name: &str, force: bool) -> Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let def = self
             .active_def(name)
             .ok_or_else(|| NetError::NotActive(name.into()))?;
@@ -415,6 +422,15 @@ impl NetworkManager {
         std::fs::remove_file(&p).map_err(io("cannot remove", &p))
     }
 
+    /// The current lease of a MAC on a network (for `domifaddr`).
+    pub fn lease_for_mac(&self, name: &str, mac: MacAddr) -> Result<Option<Lease>> {
+        Ok(self
+            .leases(name)?
+            .into_iter()
+            .filter(|l| l.mac == mac)
+            .max_by_key(|l| l.expiry))
+    }
+
     /// `net-dhcp-leases`: current (unexpired) leases.
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
         self.definition(name)?;
@@ -431,6 +447,7 @@ impl NetworkManager {
     /// Creates a TAP `rvnet<N>` for `domain`'s interface and joins it to the network's bridge or
     /// to a host bridge. Hand the name to `rvirt-vmm --net tap=NAME,mac=MAC`.
     pub fn attach_interface(&self, domain: &str, source: &InterfaceSource) -> Result<AttachedTap> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let nl = Netlink::new()?;
         let (bridge, network) = match source {
             InterfaceSource::Network(n) => {
@@ -474,6 +491,7 @@ impl NetworkManager {
     /// Deletes a TAP made by [`attach_interface`](Self::attach_interface) for `domain`; a TAP
     /// already gone is fine (the VM crashed and the kernel cleaned up, or a second call).
     pub fn detach_interface(&self, domain: &str, tap: &str) -> Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         Netlink::new()?.delete_owned(tap, &tap_owner(domain))?;
         Ok(())
     }

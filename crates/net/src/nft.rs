@@ -247,3 +247,50 @@ pub fn remove_network(net: &str) -> Result<(), NftError> {
 pub fn enable_ipv4_forwarding() -> std::io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(mode: ForwardMode) -> Vec<Value> {
+        network_rules(&NetRules {
+            network: "n".into(),
+            bridge: "rvb0".into(),
+            subnet: "10.1.0.1/24".parse().unwrap(),
+            mode,
+        })
+    }
+
+    #[test]
+    fn every_rule_is_tagged_and_in_rvirts_table() {
+        for mode in [ForwardMode::Nat, ForwardMode::Isolated] {
+            for r in rules(mode) {
+                let r = &r["add"]["rule"];
+                assert_eq!(
+                    (r["family"].as_str(), r["table"].as_str()),
+                    (Some("ip"), Some("rvirt"))
+                );
+                assert_eq!(r["comment"], "rvirt:n");
+            }
+        }
+    }
+
+    #[test]
+    fn masquerade_only_for_nat_and_not_to_the_subnet() {
+        let text = |m| serde_json::to_string(&rules(m)).unwrap();
+        assert!(!text(ForwardMode::Isolated).contains("masquerade"));
+        let nat = rules(ForwardMode::Nat);
+        let masq = nat
+            .iter()
+            .find(|r| r.to_string().contains("masquerade"))
+            .unwrap()
+            .to_string();
+        assert!(
+            masq.contains(r#""op":"!=""#) && masq.contains(r#""addr":"10.1.0.0","len":24"#),
+            "{masq}"
+        );
+        // Rejects come last so the accepts before them decide.
+        let last = nat.last().unwrap().to_string();
+        assert!(last.contains("reject"), "{last}");
+    }
+}

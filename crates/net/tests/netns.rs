@@ -41,7 +41,10 @@ fn skip_reason() -> Option<String> {
             ));
         }
     }
-    let probe = format!("rvnt-probe-{}", std::process::id());
+    // One probe name per call: tests run in parallel.
+    static PROBE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("rvnt-probe{n}-{}", std::process::id());
     if !sh(&["ip", "netns", "add", &probe]).status.success() {
         return Some("cannot create network namespaces".into());
     }
@@ -341,6 +344,28 @@ fn nat_and_isolated_networks_with_dhcp_dns_and_masquerade() {
             ("g1".to_string(), ip1.clone()),
             ("g2".to_string(), ip2.clone())
         ]
+    );
+
+    // domifaddr: the lease of g1's MAC, seen by a new manager (a restarted daemon).
+    let mac_line = ok(&["ip", "-n", ns.name("g1"), "-o", "link", "show", "eth0"]);
+    let mac: rvirt_net::MacAddr = mac_line
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (state, run) = (d.state.clone(), d.run.clone());
+    let pid_before = std::fs::read_to_string(d.run.join("networks/natnet.pid")).unwrap();
+    let lease = in_netns(&host, move || {
+        manager_at(&state, &run)
+            .lease_for_mac("natnet", mac)
+            .unwrap()
+    });
+    assert_eq!(lease.map(|l| l.ip.to_string()), Some(ip1.clone()));
+    assert_eq!(
+        pid_before,
+        std::fs::read_to_string(d.run.join("networks/natnet.pid")).unwrap()
     );
 
     assert!(pings(&ns, "g1", &ip2), "guest to guest");
