@@ -135,7 +135,13 @@ pub fn start(def: &NetworkDef, run_dir: &Path) -> Result<i32, DnsmasqError> {
         move |source| DnsmasqError::Io { net, path, source }
     };
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    write_atomic(&files.conf, &config(def, &files)).map_err(io(&files.conf))?;
+    let mut conf = config(def, &files);
+    // Debian's dnsmasq package adds a `dnsmasq` user; use it rather than `nobody` when present.
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    if passwd.lines().any(|l| l.starts_with("dnsmasq:")) {
+        conf.push_str("user=dnsmasq\n");
+    }
+    write_atomic(&files.conf, &conf).map_err(io(&files.conf))?;
     write_atomic(&files.hosts, &hosts_file(def)).map_err(io(&files.hosts))?;
     if let Some(pid) = running_pid(&files) {
         // SAFETY: kill(2) with a pid we verified is this network's dnsmasq; SIGHUP rereads hosts.

@@ -264,7 +264,7 @@ fn prefix_of_netmask(mask: Ipv4Addr) -> Option<u8> {
 
 fn parse_ip(el: &Element) -> Result<IpDef, XmlError> {
     if let Some(family) = el.attr("family") {
-        if family != "ipv4" {
+        if family != "ipv4" && family != "ipv6" {
             return Err(el.err(format!(
                 "<ip family='{family}'> is not supported; rvirt networks are IPv4"
             )));
@@ -411,7 +411,18 @@ pub fn parse(src: &str) -> Result<NetworkDef, XmlError> {
             });
         }
     }
-    let mut ips = root.children("ip");
+    // libvirt's packaged default network may carry an IPv6 <ip>; rvirt networks are IPv4, so
+    // such elements are skipped (with a warning) rather than failing a real file.
+    let is_v6 = |e: &&Element| {
+        e.attr("family") == Some("ipv6") || e.attr("address").is_some_and(|a| a.contains(':'))
+    };
+    for v6 in root.children("ip").filter(is_v6) {
+        log::warn!(
+            "network '{name}': line {}: IPv6 <ip> ignored; rvirt networks are IPv4 only",
+            v6.line
+        );
+    }
+    let mut ips = root.children("ip").filter(|e| !is_v6(e));
     let ip = ips.next().map(parse_ip).transpose()?;
     if let Some(extra) = ips.next() {
         return Err(extra.err("only one <ip> element is supported"));

@@ -175,3 +175,22 @@ fn default_subnet_avoids_routes() {
     validate(&def, &busy).unwrap();
     assert_eq!(parse(&to_xml(&def)).unwrap(), def);
 }
+
+#[test]
+fn packaged_default_with_ipv6_is_accepted_ipv4_only() {
+    // The shape some distributions ship as their packaged default network.
+    let def = parse(
+        "<network>\n  <name>default</name>\n  <bridge name=\"virbr0\"/>\n  <forward mode=\"nat\"/>\n\
+         <ip address=\"192.168.122.1\" netmask=\"255.255.255.0\">\n    <dhcp>\n\
+         <range start=\"192.168.122.2\" end=\"192.168.122.254\"/>\n    </dhcp>\n  </ip>\n\
+         <ip family=\"ipv6\" address=\"2001:db8:ca2:2::1\" prefix=\"64\"/>\n</network>\n",
+    )
+    .unwrap();
+    assert_eq!(def.ip.unwrap().address, Ipv4Addr::new(192, 168, 122, 1));
+    let e = parse("<network><name>r</name><forward mode='route'/></network>").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("forward mode 'route' is not supported"),
+        "{e}"
+    );
+}
