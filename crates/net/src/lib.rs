@@ -13,4 +13,4 @@ pub mod dnsmasq;
 pub mod link;
 pub mod manager;
 pub mod nft;
-pub use manager::{AttachedTap, InterfaceSource, NetError, NetworkInfo, NetworkManager};
+pub use manager::{AttachedTap, DhcpLease, InterfaceSource, NetError, NetworkInfo, NetworkManager};

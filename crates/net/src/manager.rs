@@ -71,6 +71,20 @@ pub struct NetworkInfo {
     pub bridge: String,
 }
 
+/// One `net-dhcp-leases` row; the JSON field names are libvirt's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DhcpLease {
+    pub iface: String,
+    /// Seconds since the epoch; 0 for an infinite lease.
+    pub expirytime: u64,
+    pub r#type: &'static str,
+    pub mac: String,
+    pub ipaddr: String,
+    pub prefix: u8,
+    pub hostname: Option<String>,
+    pub clientid: Option<String>,
+}
+
 /// Where a domain interface connects: libvirt's `<interface type='network'>` or `type='bridge'`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InterfaceSource {
@@ -431,6 +445,27 @@ impl NetworkManager {
             .max_by_key(|l| l.expiry))
     }
 
+    /// `net-dhcp-leases` rows with libvirt's field names (virNetworkDHCPLease).
+    pub fn dhcp_leases(&self, name: &str) -> Result<Vec<DhcpLease>> {
+        let def = self.definition(name)?;
+        let iface = def.bridge.map(|b| b.name).unwrap_or_default();
+        let prefix = def.ip.map(|i| i.prefix).unwrap_or(32);
+        Ok(self
+            .leases(name)?
+            .into_iter()
+            .map(|l| DhcpLease {
+                iface: iface.clone(),
+                expirytime: l.expiry,
+                r#type: "ipv4",
+                mac: l.mac.to_string(),
+                ipaddr: l.ip.to_string(),
+                prefix,
+                hostname: l.hostname,
+                clientid: l.client_id,
+            })
+            .collect())
+    }
+
     /// `net-dhcp-leases`: current (unexpired) leases.
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>> {
         self.definition(name)?;
@@ -486,6 +521,49 @@ impl NetworkManager {
             bridge,
             network,
         })
+    }
+
+    /// The TAPs rvirt made for `domain` that still exist, found by their alias: after a daemon
+    /// restart or a VMM crash this is how the leftovers of a domain are found.
+    pub fn interfaces_of(&self, domain: &str) -> Result<Vec<AttachedTap>> {
+        let links = Netlink::new()?.links()?;
+        let alias = link::owner_alias(&tap_owner(domain));
+        let actives: Vec<NetworkDef> = self
+            .definitions()?
+            .into_iter()
+            .filter_map(|d| self.active_def(&d.name))
+            .collect();
+        Ok(links
+            .iter()
+            .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
+            .map(|l| {
+                let bridge = l
+                    .controller
+                    .and_then(|c| links.iter().find(|b| b.index == c))
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default();
+                let network = actives
+                    .iter()
+                    .find(|d| d.bridge.as_ref().is_some_and(|b| b.name == bridge))
+                    .map(|d| d.name.clone());
+                AttachedTap {
+                    tap: l.name.clone(),
+                    bridge,
+                    network,
+                }
+            })
+            .collect())
+    }
+
+    /// Deletes every TAP rvirt made for `domain` (VM stopped or crashed); returns their names.
+    pub fn detach_all(&self, domain: &str) -> Result<Vec<String>> {
+        let taps = self.interfaces_of(domain)?;
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let nl = Netlink::new()?;
+        for t in &taps {
+            nl.delete_owned(&t.tap, &tap_owner(domain))?;
+        }
+        Ok(taps.into_iter().map(|t| t.tap).collect())
     }
 
     /// Deletes a TAP made by [`attach_interface`](Self::attach_interface) for `domain`; a TAP

@@ -367,6 +367,20 @@ fn nat_and_isolated_networks_with_dhcp_dns_and_masquerade() {
         pid_before,
         std::fs::read_to_string(d.run.join("networks/natnet.pid")).unwrap()
     );
+    let (state, run) = (d.state.clone(), d.run.clone());
+    let rows = in_netns(&host, move || {
+        manager_at(&state, &run).dhcp_leases("natnet").unwrap()
+    });
+    let row = rows
+        .iter()
+        .find(|r| r.ipaddr == ip1)
+        .expect("g1 in net-dhcp-leases");
+    assert_eq!(
+        (row.iface.as_str(), row.prefix, row.r#type),
+        ("rvtnat0", 24, "ipv4")
+    );
+    assert_eq!(row.mac, mac.to_string());
+    assert!(row.expirytime > 0);
 
     assert!(pings(&ns, "g1", &ip2), "guest to guest");
     assert!(pings(&ns, "g2", "10.123.0.1"), "guest to gateway");
@@ -472,7 +486,18 @@ fn start_stop_100_times_leaks_nothing_and_taps_attach() {
                 let e = m.destroy("natnet", false).unwrap_err();
                 assert!(matches!(e, NetError::InUse { .. }), "{e}");
             }
-            m.detach_interface("vm1", &tap.tap).unwrap();
+            if i % 2 == 0 {
+                m.detach_interface("vm1", &tap.tap).unwrap();
+            } else {
+                // The crash path: the daemon finds the domain's TAPs by their mark.
+                let found = m.interfaces_of("vm1").unwrap();
+                assert_eq!(found.len(), 1);
+                assert_eq!(
+                    (found[0].bridge.as_str(), found[0].network.as_deref()),
+                    ("rvtnat0", Some("natnet"))
+                );
+                assert_eq!(m.detach_all("vm1").unwrap(), vec![tap.tap.clone()]);
+            }
             m.destroy("natnet", false)
                 .unwrap_or_else(|e| panic!("destroy {i}: {e}"));
         }
