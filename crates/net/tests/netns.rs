@@ -556,6 +556,20 @@ fn bridge_mode_and_bad_input() {
             "host bridge kept"
         );
 
+        // A foreign link that merely looks like rvirt's is skipped and never removed.
+        ok(&["ip", "link", "add", "rvnet0", "type", "bridge"]);
+        let t = m
+            .attach_interface("vm", &InterfaceSource::Bridge("rvtbr9".into()))
+            .unwrap();
+        assert_eq!(t.tap, "rvnet1");
+        let e = m.detach_interface("vm", "rvnet0").unwrap_err();
+        assert!(e.to_string().contains("not owned by rvirt"), "{e}");
+        let e = m.detach_interface("other-vm", &t.tap).unwrap_err();
+        assert!(e.to_string().contains("not owned by rvirt"), "{e}");
+        assert_eq!(m.detach_all("vm").unwrap(), vec!["rvnet1".to_string()]);
+        assert!(ok(&["ip", "link", "show", "rvnet0"]).contains("rvnet0"));
+        ok(&["ip", "link", "del", "rvnet0"]);
+
         let e = m
             .attach_interface("vm", &InterfaceSource::Bridge("nosuchbr".into()))
             .unwrap_err();
