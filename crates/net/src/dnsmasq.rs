@@ -92,6 +92,10 @@ pub fn config(def: &NetworkDef, files: &DnsmasqFiles) -> String {
                 }
                 let _ = writeln!(c, "{line}");
             }
+            if def.forward == crate::xml::ForwardMode::Isolated {
+                // No default route through a host that forwards nothing (libvirt does the same).
+                c.push_str("dhcp-option=3\n");
+            }
             if size > 0 || !dhcp.hosts.is_empty() {
                 let _ = writeln!(c, "dhcp-no-override\ndhcp-authoritative");
                 let _ = writeln!(c, "dhcp-lease-max={}", size + dhcp.hosts.len() as u64);
@@ -279,6 +283,7 @@ mod tests {
             "dhcp-leasefile=/r/n.leases",
             "dhcp-lease-max=11",
             "domain=lab",
+            "dhcp-option=3",
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line}:\n{c}");
         }

@@ -295,6 +295,50 @@ impl NetworkManager {
         self.active_path(name).exists()
     }
 
+    /// Run once when rvirtd starts, before `autostart_all`: a network recorded as running whose
+    /// bridge is gone (deleted by hand, or the run dir outlived a reboot) has its leftovers
+    /// (dnsmasq, nftables rules, run files) removed and counts as stopped again. Returns the names
+    /// of the networks so stopped.
+    pub fn reconcile(&self) -> Result<Vec<String>> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let nl = Netlink::new()?;
+        let mut stopped = Vec::new();
+        let rd = std::fs::read_dir(&self.run).map_err(io("cannot read", &self.run))?;
+        for e in rd.flatten() {
+            let p = e.path();
+            let Some(name) = p.file_stem().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if p.extension().is_none_or(|x| x != "xml") {
+                continue;
+            }
+            let Some(def) = self.active_def(&name) else {
+                continue;
+            };
+            let Some(bridge) = def.bridge.as_ref() else {
+                continue;
+            };
+            let alive = match nl.link(&bridge.name)? {
+                None => false,
+                Some(l) if def.forward == ForwardMode::Bridge => {
+                    l.kind.as_deref() == Some("bridge")
+                }
+                Some(l) => {
+                    l.alias.as_deref() == Some(link::owner_alias(&bridge_owner(&name)).as_str())
+                }
+            };
+            if !alive {
+                if def.forward != ForwardMode::Bridge {
+                    self.tear_down(&nl, &def);
+                }
+                std::fs::remove_file(&p).map_err(io("cannot remove", &p))?;
+                stopped.push(name);
+            }
+        }
+        stopped.sort();
+        Ok(stopped)
+    }
+
     /// Starts every network marked autostart that is not running; returns the errors by name.
     pub fn autostart_all(&self) -> Vec<(String, NetError)> {
         let mut errs = Vec::new();

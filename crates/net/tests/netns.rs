@@ -629,6 +629,17 @@ fn bridge_mode_and_bad_input() {
         let e = m2.start("natnet").unwrap_err();
         assert!(matches!(e, NetError::AlreadyActive(_)), "{e}");
         m2.destroy("natnet", false).unwrap();
+
+        // A running network whose bridge vanished is stopped by reconcile, leftovers and all.
+        m2.start("natnet").unwrap();
+        assert!(
+            m2.reconcile().unwrap().is_empty(),
+            "a healthy network is left alone"
+        );
+        ok(&["ip", "link", "del", "rvtnat0"]);
+        assert_eq!(m2.reconcile().unwrap(), ["natnet"]);
+        assert!(!m2.is_active("natnet"));
+        assert!(sh(&["nft", "list", "table", "ip", "rvirt"]).status.code() != Some(0));
         assert!(m2.undefine("natnet").is_ok());
         assert_no_leftovers(&run);
     });
