@@ -135,6 +135,19 @@ pub fn network_rules(r: &NetRules) -> Vec<Value> {
                 ],
             ));
         }
+        // As libvirt: TCP and UDP get unprivileged source ports, other protocols plain masquerade.
+        for l4 in ["tcp", "udp"] {
+            rules.push(rule(
+                n,
+                "postrouting",
+                vec![
+                    ip_match("saddr", "==", prefix(sub)),
+                    ip_match("daddr", "!=", prefix(sub)),
+                    json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": l4}}),
+                    json!({"masquerade": {"port": {"range": [1024, 65535]}}}),
+                ],
+            ));
+        }
         rules.push(rule(
             n,
             "postrouting",
