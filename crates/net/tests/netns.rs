@@ -677,6 +677,21 @@ fn default_network_is_defined_once_on_a_free_subnet() {
         assert_eq!(ip.address.to_string(), "192.168.123.1");
         assert!(!m.is_active("default"), "defined, not started");
         assert!(m.ensure_default().unwrap().is_none());
+        m.set_autostart("default", true).unwrap();
+        assert!(m.autostart_all().is_empty());
+        let row = m
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.name == "default")
+            .unwrap();
+        assert!(row.active && row.autostart && row.persistent, "{row:?}");
+        assert_eq!(row.bridge, "rvirbr0");
+        assert!(ok(&["ip", "-4", "addr", "show", "rvirbr0"]).contains("192.168.123.1/24"));
+        let e = m.undefine("default").unwrap_err();
+        assert!(matches!(e, NetError::Active(_)), "{e}");
+        m.destroy("default", false).unwrap();
+        m.set_autostart("default", false).unwrap();
         m.undefine("default").unwrap();
         assert!(
             m.ensure_default().unwrap().is_none(),
