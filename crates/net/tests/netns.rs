@@ -617,6 +617,19 @@ fn bridge_mode_and_bad_input() {
         ok(&["ip", "link", "del", "rvtnat0"]);
         assert!(sh(&["nft", "list", "table", "ip", "rvirt"]).status.code() != Some(0));
 
+        // A failure late in start (dnsmasq's config cannot be written) undoes the bridge and rules.
+        let blocker = run.join("networks/natnet.conf");
+        std::fs::create_dir_all(&blocker).unwrap();
+        let e = m.start("natnet").unwrap_err();
+        assert!(e.to_string().contains("natnet.conf"), "{e}");
+        assert!(!m.is_active("natnet"));
+        assert!(
+            !sh(&["ip", "link", "show", "rvtnat0"]).status.success(),
+            "bridge left behind"
+        );
+        assert!(sh(&["nft", "list", "table", "ip", "rvirt"]).status.code() != Some(0));
+        std::fs::remove_dir(&blocker).unwrap();
+
         // Restart of the daemon: a new manager sees the running network and stops it.
         m.start("natnet").unwrap();
         drop(m);
