@@ -152,10 +152,14 @@ impl Element {
 }
 
 fn line_col(src: &str, pos: usize) -> (usize, usize) {
-    let before = &src[..pos.min(src.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, column)
+    // Bytes, not chars: an error offset may fall inside a multi-byte character.
+    let before = &src.as_bytes()[..pos.min(src.len())];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    (line, before.len() - line_start + 1)
 }
 
 fn parse_tree(src: &str) -> Result<Element, XmlError> {
@@ -210,7 +214,14 @@ fn parse_tree(src: &str) -> Result<Element, XmlError> {
                 }
             }
             Event::End(_) => {
-                let el = stack.pop().expect("quick-xml checks end tags");
+                let Some(el) = stack.pop() else {
+                    let (line, column) = line_col(src, start);
+                    return Err(XmlError {
+                        line,
+                        column,
+                        message: "end tag without a start tag".into(),
+                    });
+                };
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(el),
                     None => root = Some(el),
@@ -239,6 +250,23 @@ fn parse_tree(src: &str) -> Result<Element, XmlError> {
         column: 1,
         message: "empty document".into(),
     })
+}
+
+/// DNS names go into dnsmasq's configuration, so they are held to hostname characters: anything
+/// else (a newline especially) could smuggle in dnsmasq options.
+fn dns_name(el: &Element, what: &str, v: &str) -> Result<String, XmlError> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(el.err(format!(
+            "{what} '{}' is not a DNS name (letters, digits, '-', '.', '_')",
+            v.escape_debug()
+        )))
+    }
 }
 
 fn yes_no(el: &Element, key: &str, default: bool) -> Result<bool, XmlError> {
@@ -303,7 +331,10 @@ fn parse_ip(el: &Element) -> Result<IpDef, XmlError> {
             }
             for h in d.children("host") {
                 let mac = h.attr("mac").map(|_| mac_attr(h, "mac")).transpose()?;
-                let name = h.attr("name").map(str::to_owned);
+                let name = h
+                    .attr("name")
+                    .map(|n| dns_name(h, "host name", n))
+                    .transpose()?;
                 if mac.is_none() && name.is_none() {
                     return Err(h.err("<dhcp><host> needs mac='...' or name='...'"));
                 }
@@ -325,7 +356,8 @@ fn parse_ip(el: &Element) -> Result<IpDef, XmlError> {
 }
 
 /// Parses libvirt network XML. Unknown elements are ignored, as libvirt ignores what it does not
-/// implement for a given mode; elements rvirt cannot honour (IPv6, other forward modes) are errors.
+/// implement for a given mode; IPv6 `<ip>` elements are skipped with a warning; what rvirt cannot
+/// honour (other forward modes, a second IPv4 `<ip>`) is an error.
 pub fn parse(src: &str) -> Result<NetworkDef, XmlError> {
     let root = parse_tree(src)?;
     if root.name != "network" {
@@ -338,9 +370,11 @@ pub fn parse(src: &str) -> Result<NetworkDef, XmlError> {
         .child("name")
         .ok_or_else(|| root.err("<network> needs a <name>"))?;
     let name = name_el.text.trim().to_owned();
-    if name.is_empty() || name.contains('/') || name.len() > 64 {
+    let bad_char = |c: char| c == '/' || c.is_whitespace() || c.is_control();
+    if name.is_empty() || name.len() > 64 || name.starts_with('.') || name.chars().any(bad_char) {
         return Err(name_el.err(format!(
-            "network name '{name}' must be 1..64 characters without '/'"
+            "network name '{}' must be 1..64 characters, not starting with '.', without '/', spaces or control characters",
+            name.escape_debug()
         )));
     }
     let uuid = root.child("uuid").map(|u| u.text.trim().to_owned());
@@ -369,7 +403,12 @@ pub fn parse(src: &str) -> Result<NetworkDef, XmlError> {
         .child("bridge")
         .map(|b| -> Result<BridgeDef, XmlError> {
             let name = b.req_attr("name")?.to_owned();
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
+            if name.is_empty()
+                || name.len() > 15
+                || name
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+            {
                 return Err(b.err(format!(
                     "bridge name '{name}' is not a valid interface name (1..15 characters)"
                 )));
@@ -393,15 +432,18 @@ pub fn parse(src: &str) -> Result<NetworkDef, XmlError> {
         .transpose()?;
     let domain = root
         .child("domain")
-        .map(|d| d.req_attr("name").map(str::to_owned))
+        .map(|d| {
+            d.req_attr("name")
+                .and_then(|n| dns_name(d, "domain name", n))
+        })
         .transpose()?;
     let mut dns_hosts = Vec::new();
     if let Some(dns) = root.child("dns") {
         for h in dns.children("host") {
             let hostnames: Vec<String> = h
                 .children("hostname")
-                .map(|n| n.text.trim().to_owned())
-                .collect();
+                .map(|n| dns_name(n, "hostname", n.text.trim()))
+                .collect::<Result<_, _>>()?;
             if hostnames.is_empty() {
                 return Err(h.err("<dns><host> needs at least one <hostname>"));
             }

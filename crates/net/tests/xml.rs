@@ -194,3 +194,45 @@ fn packaged_default_with_ipv6_is_accepted_ipv4_only() {
         "{e}"
     );
 }
+
+#[test]
+fn damaged_documents_give_errors_not_panics() {
+    let src = data("full.xml").replace("lab.example", "läb.exämple");
+    let bytes = src.as_bytes();
+    let mut errors = 0;
+    for cut in 0..bytes.len() {
+        if let Ok(s) = std::str::from_utf8(&bytes[..cut]) {
+            errors += usize::from(parse(s).is_err());
+        }
+    }
+    assert!(errors > bytes.len() / 2, "truncations should mostly fail");
+    for (i, c) in src.char_indices() {
+        for repl in ["<", ">", "'", "/", "&", "\u{e9}", ""] {
+            let mut s = String::with_capacity(src.len() + 2);
+            s.push_str(&src[..i]);
+            s.push_str(repl);
+            s.push_str(&src[i + c.len_utf8()..]);
+            if let Err(e) = parse(&s) {
+                assert!(e.line >= 1 && e.column >= 1, "{e}");
+            }
+        }
+    }
+    let e = parse("<network><name>x</name></bridge></network>").unwrap_err();
+    assert!(e.line == 1, "{e}");
+}
+
+#[test]
+fn names_cannot_smuggle_dnsmasq_options() {
+    for bad in [
+        "<network><name>n</name><domain name='x&#10;dhcp-script=/bin/sh'/></network>",
+        "<network><name>n</name><dns><host ip='10.0.0.2'><hostname>a b</hostname></host></dns></network>",
+        "<network><name>n</name><bridge name='b'/><ip address='10.0.0.1' prefix='24'><dhcp>\
+         <host name='h&#10;x' ip='10.0.0.5'/></dhcp></ip></network>",
+        "<network><name>a&#10;b</name></network>",
+        "<network><name>.hidden</name></network>",
+        "<network><name>n</name><bridge name='br&#10;0'/></network>",
+    ] {
+        let e = parse(bad).expect_err(bad);
+        assert!(e.line >= 1, "{e}");
+    }
+}
