@@ -1,0 +1,779 @@
+//! VM creation on /dev/kvm, vCPU threads and exit handling.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use rvirt_api::vmm::{Event, ExitReason, RunState};
+use rvirt_devices::pci::{PciBus, PciWindows};
+use rvirt_devices::virtio::{self, VirtioPciDevice};
+use rvirt_devices::{IoEventRegistry, MsiRouting};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootEntry, GuestMem};
+use crate::cli::{SerialMode, VmConfig};
+use crate::devices::{IrqLine, Legacy, Pm, SerialOut};
+use crate::interrupts::{IoEvents, Routing};
+use crate::layout::*;
+
+/// State shared by the vCPU threads, the control socket and the main thread.
+pub struct Shared {
+    pub name: Option<String>,
+    pub vcpus: u32,
+    pub memory: u64,
+    exit: Mutex<Option<ExitReason>>,
+    exit_cv: Condvar,
+    pub state: Mutex<RunState>,
+    paused: AtomicBool,
+    parked: AtomicUsize,
+    pause_lock: Mutex<()>,
+    pause_cv: Condvar,
+    /// (tid, pthread) per vCPU.
+    pub threads: Mutex<Vec<(i32, libc::pthread_t)>>,
+    pub watchers: Mutex<Vec<std::os::unix::net::UnixStream>>,
+    pub legacy: Mutex<Option<Arc<Legacy>>>,
+}
+
+impl Shared {
+    fn new(cfg: &VmConfig) -> Self {
+        Shared {
+            name: cfg.name.clone(),
+            vcpus: cfg.cpus,
+            memory: cfg.memory,
+            exit: Mutex::new(None),
+            exit_cv: Condvar::new(),
+            state: Mutex::new(RunState::Running),
+            paused: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+            pause_lock: Mutex::new(()),
+            pause_cv: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            watchers: Mutex::new(Vec::new()),
+            legacy: Mutex::new(None),
+        }
+    }
+
+    /// Ask the VM to stop with `reason` (the first request wins).
+    pub fn request_exit(&self, reason: ExitReason) {
+        let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(reason);
+        }
+        self.exit_cv.notify_all();
+        // Wake parked vCPUs so they see the exit.
+        let _l = self.pause_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause_cv.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        self.exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn wait_exit(&self) -> ExitReason {
+        let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = *g {
+                return r;
+            }
+            g = self.exit_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Current run state.
+    pub fn run_state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change the run state and tell watchers.
+    pub fn set_state(&self, s: RunState) {
+        {
+            let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if *g == s {
+                return;
+            }
+            *g = s;
+        }
+        self.broadcast(&Event::StateChanged { state: s });
+    }
+
+    /// Send an event line to every watcher.
+    pub fn broadcast(&self, ev: &Event) {
+        use std::io::Write;
+        let Ok(mut line) = serde_json::to_string(ev) else {
+            return;
+        };
+        line.push('\n');
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        w.retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+    }
+
+    fn kick_all(&self) {
+        for (_, pt) in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // SAFETY: the pthread ids belong to vCPU threads that live as long as the process
+            // (they are never joined), and the signal has a no-op handler installed.
+            unsafe {
+                libc::pthread_kill(*pt, vcpu_signal());
+            }
+        }
+    }
+
+    /// Stop all vCPUs; returns once every vCPU is parked (or after 2 s).
+    pub fn pause(&self) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        for _ in 0..2000 {
+            if self.parked.load(Ordering::SeqCst) >= self.vcpus as usize {
+                self.set_state(RunState::Paused);
+                return true;
+            }
+            self.kick_all();
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.set_state(RunState::Paused);
+        false
+    }
+
+    /// Let the vCPUs run again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        let _l = self.pause_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause_cv.notify_all();
+        drop(_l);
+        self.set_state(RunState::Running);
+    }
+
+    fn park_if_paused(&self) {
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut l = self.pause_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while self.paused.load(Ordering::SeqCst) && !self.stopping() {
+            l = self.pause_cv.wait(l).unwrap_or_else(|e| e.into_inner());
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn vcpu_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+fn install_kick_handler() -> Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that does nothing is a valid argument; no
+    // SA_RESTART so KVM_RUN returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = noop_handler as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(vcpu_signal(), &sa, std::ptr::null_mut()) != 0 {
+            bail!("sigaction: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Everything a vCPU thread needs to handle exits.
+struct Exits {
+    legacy: Arc<Legacy>,
+    bus: Arc<PciBus>,
+    shared: Arc<Shared>,
+}
+
+impl Exits {
+    fn handle(&self, exit: VcpuExit<'_>, id: u32) -> Option<ExitReason> {
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if !self.legacy.pio_read(port, data) && !self.bus.pio_read(port, data) {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::IoOut(port, data) => {
+                let (done, reason) = self.legacy.pio_write(port, data);
+                if reason.is_some() {
+                    return reason;
+                }
+                if !done {
+                    self.bus.pio_write(port, data);
+                }
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
+                    self.bus.ecam_read(addr - ECAM_BASE, data);
+                } else if !self.bus.mmio_read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
+                    self.bus.ecam_write(addr - ECAM_BASE, data);
+                } else {
+                    self.bus.mmio_write(addr, data);
+                }
+            }
+            VcpuExit::Hlt => thread::sleep(Duration::from_millis(1)),
+            VcpuExit::Shutdown => {
+                eprintln!("rvirt-vmm: vcpu{id}: triple fault (KVM shutdown exit): guest crashed");
+                return Some(ExitReason::Crash);
+            }
+            VcpuExit::SystemEvent(ty, _) => {
+                return Some(match ty {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::Poweroff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                    _ => ExitReason::Crash,
+                });
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                eprintln!("rvirt-vmm: vcpu{id}: VM entry failed (reason {reason:#x}, cpu {cpu})");
+                return Some(ExitReason::Error);
+            }
+            VcpuExit::InternalError => {
+                eprintln!("rvirt-vmm: vcpu{id}: KVM internal error (emulation failure)");
+                return Some(ExitReason::Crash);
+            }
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+            other => {
+                log::warn!("vcpu{id}: unhandled exit {other:?}");
+            }
+        }
+        let _ = &self.shared;
+        None
+    }
+}
+
+fn segment(selector: u16, code: bool, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn setup_boot_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<()> {
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+    let long = matches!(entry, BootEntry::Linux64 { .. });
+    let code = if long {
+        segment(0x8, true, true)
+    } else {
+        segment(0x10, true, false)
+    };
+    let data = segment(0x18, false, false);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0x20,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (boot::GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 7;
+    let mut regs = vcpu.get_regs().context("KVM_GET_REGS")?;
+    regs.rflags = 2;
+    match entry {
+        BootEntry::Pvh { entry } => {
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = entry;
+            regs.rbx = PVH_START_INFO;
+        }
+        BootEntry::Linux64 { entry } => {
+            sregs.cr3 = PML4;
+            sregs.cr4 = 0x20; // PAE
+            sregs.cr0 = 0x8000_0011; // PG | ET | PE
+            sregs.efer = 0x500; // LME | LMA
+            regs.rip = entry;
+            regs.rsi = ZERO_PAGE;
+            regs.rsp = 0x8ff0;
+            regs.rbp = 0x8ff0;
+        }
+    }
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+    Ok(())
+}
+
+fn patch_cpuid(kvm: &Kvm, id: u32, ncpus: u32) -> Result<kvm_bindings::CpuId> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?;
+    let shift = 32 - (ncpus.max(1) - 1).leading_zeros();
+    let mut have_sig = false;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (ncpus.min(255) << 16);
+                e.ecx |= 1 << 31; // hypervisor
+                if ncpus > 1 {
+                    e.edx |= 1 << 28; // HTT: the logical count in EBX is valid
+                }
+            }
+            4 => {
+                e.eax = (e.eax & 0x03ff_ffff) | ((ncpus.min(64) - 1) << 26);
+                // Caches are shared by at most this many threads.
+                e.eax &= !(0xfff << 14);
+            }
+            0xb | 0x1f => {
+                e.edx = id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (1 << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = shift;
+                        e.ebx = ncpus;
+                        e.ecx = (2 << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            0x4000_0000 => {
+                have_sig = true;
+                e.ebx = u32::from_le_bytes(*b"KVMK");
+                e.ecx = u32::from_le_bytes(*b"VMKV");
+                e.edx = u32::from_le_bytes(*b"M\0\0\0");
+            }
+            _ => {}
+        }
+    }
+    if !have_sig {
+        let e = kvm_bindings::kvm_cpuid_entry2 {
+            function: 0x4000_0000,
+            eax: 0x4000_0001,
+            ebx: u32::from_le_bytes(*b"KVMK"),
+            ecx: u32::from_le_bytes(*b"VMKV"),
+            edx: u32::from_le_bytes(*b"M\0\0\0"),
+            ..Default::default()
+        };
+        let _ = cpuid.push(e);
+    }
+    Ok(cpuid)
+}
+
+fn set_lint(vcpu: &VcpuFd) -> Result<()> {
+    let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC")?;
+    let get = |regs: &[libc::c_char], off: usize| -> u32 {
+        u32::from_le_bytes([
+            regs[off] as u8,
+            regs[off + 1] as u8,
+            regs[off + 2] as u8,
+            regs[off + 3] as u8,
+        ])
+    };
+    let put = |regs: &mut [libc::c_char], off: usize, v: u32| {
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *b as libc::c_char;
+        }
+    };
+    let lint0 = get(&lapic.regs, 0x350);
+    put(&mut lapic.regs, 0x350, (lint0 & !0x700) | (7 << 8)); // ExtINT
+    let lint1 = get(&lapic.regs, 0x360);
+    put(&mut lapic.regs, 0x360, (lint1 & !0x700) | (4 << 8)); // NMI
+    vcpu.set_lapic(&lapic).context("KVM_SET_LAPIC")?;
+    Ok(())
+}
+
+fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u32, ncpus: u32) -> Result<()> {
+    let cpuid = patch_cpuid(kvm, id, ncpus)?;
+    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+    let msrs = Msrs::from_entries(&[
+        kvm_msr_entry {
+            index: 0x1a0, // IA32_MISC_ENABLE: fast strings
+            data: 1,
+            ..Default::default()
+        },
+        kvm_msr_entry {
+            index: 0x2ff, // MTRRdefType: enabled, default write-back
+            data: (1 << 11) | 6,
+            ..Default::default()
+        },
+    ])
+    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
+    vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).context("KVM_SET_FPU")?;
+    set_lint(vcpu)?;
+    Ok(())
+}
+
+type SerialSink = Box<dyn std::io::Write + Send>;
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+fn open_serial_output(mode: &SerialMode) -> Result<(Option<SerialSink>, Option<std::fs::File>)> {
+    match mode {
+        SerialMode::Stdio => Ok((Some(Box::new(std::io::stdout())), None)),
+        SerialMode::None | SerialMode::Socket(_) => Ok((None, None)),
+        SerialMode::Pty => {
+            // SAFETY: posix_openpt returns a new fd or -1; the fd is owned by the File below.
+            let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                bail!(
+                    "--serial pty: posix_openpt: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            // SAFETY: `fd` is a valid, freshly opened fd we own.
+            let master = unsafe { std::fs::File::from_raw_fd(fd) };
+            let mut name = [0 as libc::c_char; 128];
+            // SAFETY: `fd` is a pty master; `name` is a writable buffer of the given length;
+            // termios is fully initialised by tcgetattr before use.
+            unsafe {
+                if libc::grantpt(fd) != 0 || libc::unlockpt(fd) != 0 {
+                    bail!(
+                        "--serial pty: grantpt/unlockpt: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                if libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0 {
+                    bail!("--serial pty: ptsname: {}", std::io::Error::last_os_error());
+                }
+                let mut t: libc::termios = std::mem::zeroed();
+                if libc::tcgetattr(fd, &mut t) == 0 {
+                    libc::cfmakeraw(&mut t);
+                    libc::tcsetattr(fd, libc::TCSANOW, &t);
+                }
+            }
+            // SAFETY: ptsname_r wrote a NUL-terminated string into `name`.
+            let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+            eprintln!(
+                "rvirt-vmm: serial console on pty {}",
+                path.to_string_lossy()
+            );
+            let out = master.try_clone().context("--serial pty: dup")?;
+            Ok((Some(Box::new(out)), Some(master)))
+        }
+    }
+}
+
+fn feed_serial(com1: &Arc<Mutex<crate::devices::Com1>>, mut input: impl Read) {
+    let mut buf = [0u8; 64];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut off = 0;
+        while off < n {
+            let took = com1
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_raw_bytes(&buf[off..n])
+                .unwrap_or(0);
+            off += took;
+            if off < n {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Create the VM, run it, and return why it stopped.
+pub fn run(cfg: VmConfig) -> Result<ExitReason> {
+    let kvm = Kvm::new().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open /dev/kvm ({e}): load the kvm module (kvm_intel/kvm_amd) and check the permissions of /dev/kvm"
+        )
+    })?;
+    let max = kvm.get_max_vcpus();
+    if cfg.cpus as usize > max {
+        bail!(
+            "--cpus {}: this host's KVM allows at most {max} vCPUs",
+            cfg.cpus
+        );
+    }
+    let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
+    vm.set_tss_address(TSS_ADDR as usize)
+        .context("KVM_SET_TSS_ADDR")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .context("KVM_CREATE_PIT2")?;
+
+    let mem = boot::create_memory(cfg.memory)?;
+    register_memory(&vm, &mem)?;
+    boot::write_boot_structures(&mem)?;
+    let rsdp =
+        crate::acpi::write_tables(&mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;
+    let entry = boot::load(&cfg, &mem, Some(rsdp))?;
+
+    let shared = Arc::new(Shared::new(&cfg));
+    install_kick_handler()?;
+
+    // Serial.
+    let (sink, pty_master) = open_serial_output(&cfg.serial)?;
+    let sink = Arc::new(Mutex::new(sink));
+    let com1_irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.register_irqfd(&com1_irq, 4)
+        .context("KVM_IRQFD for COM1 (GSI 4)")?;
+    let com1 = Arc::new(Mutex::new(Serial::new(
+        IrqLine(com1_irq),
+        SerialOut { sink: sink.clone() },
+    )));
+    match &cfg.serial {
+        SerialMode::Stdio => {
+            let c = com1.clone();
+            thread::Builder::new()
+                .name("serial-in".into())
+                .spawn(move || feed_serial(&c, std::io::stdin()))?;
+        }
+        SerialMode::Pty => {
+            if let Some(m) = pty_master {
+                let c = com1.clone();
+                thread::Builder::new()
+                    .name("serial-in".into())
+                    .spawn(move || feed_serial(&c, m))?;
+            }
+        }
+        SerialMode::Socket(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = UnixListener::bind(path).with_context(|| {
+                format!(
+                    "--serial socket={}: cannot listen; check the directory exists and is writable",
+                    path.display()
+                )
+            })?;
+            let c = com1.clone();
+            let sink = sink.clone();
+            thread::Builder::new()
+                .name("serial-sock".into())
+                .spawn(move || {
+                    for s in l.incoming().flatten() {
+                        if let Ok(w) = s.try_clone() {
+                            *sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(w));
+                        }
+                        feed_serial(&c, s);
+                        *sink.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                })?;
+        }
+        SerialMode::None => {}
+    }
+
+    let sci = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.register_irqfd(&sci, 9)
+        .context("KVM_IRQFD for the ACPI SCI (GSI 9)")?;
+    let sh = shared.clone();
+    let legacy = Arc::new(Legacy {
+        com1,
+        cmos_index: Mutex::new(0),
+        // SCI_EN set: the guest finds ACPI mode already enabled (there is no SMI_CMD).
+        pm: Arc::new(Mutex::new(Pm {
+            cnt: 1,
+            ..Default::default()
+        })),
+        sci: Some(sci),
+        on_pm_write: Some(Box::new(move |_pm| sh.set_state(RunState::ShuttingDown))),
+    });
+    *shared.legacy.lock().unwrap_or_else(|e| e.into_inner()) = Some(legacy.clone());
+
+    // PCI + virtio.
+    let routing: Arc<dyn MsiRouting> =
+        Arc::new(Routing::new(vm.clone()).map_err(|e| anyhow::anyhow!("GSI routing: {e}"))?);
+    let ioevents: Arc<dyn IoEventRegistry> = Arc::new(IoEvents { vm: vm.clone() });
+    let m64 = pci_mmio64_start(cfg.memory);
+    let bus = Arc::new(PciBus::new(PciWindows {
+        mmio32: PCI_MMIO32,
+        mmio64: m64..m64 + PCI_MMIO64_SIZE,
+        io: PCI_IO,
+    }));
+    let mut devs: Vec<Arc<Mutex<VirtioPciDevice>>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let opts = rvirt_image::OpenOptions {
+            read_only: d.readonly,
+            ..Default::default()
+        };
+        let img = rvirt_image::open_image(&d.path, d.format, &opts)
+            .with_context(|| format!("--disk {}: cannot open the image", d.path.display()))?;
+        let blk = virtio::block::Block::new(
+            Arc::new(img),
+            &virtio::block::BlockConfig {
+                id: format!("disk{i}"),
+                read_only: d.readonly,
+            },
+        );
+        devs.push(Arc::new(Mutex::new(
+            VirtioPciDevice::new(
+                Box::new(blk),
+                mem.clone(),
+                routing.clone(),
+                ioevents.clone(),
+            )
+            .with_context(|| format!("virtio-blk for {}", d.path.display()))?,
+        )));
+    }
+    for n in &cfg.nets {
+        let tap = virtio::net::Tap::open(&n.tap).with_context(|| format!("--net tap={}", n.tap))?;
+        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac: n.mac });
+        devs.push(Arc::new(Mutex::new(
+            VirtioPciDevice::new(
+                Box::new(nic),
+                mem.clone(),
+                routing.clone(),
+                ioevents.clone(),
+            )
+            .with_context(|| format!("virtio-net for tap {}", n.tap))?,
+        )));
+    }
+    let rng = virtio::rng::Rng::new().context("virtio-rng: /dev/urandom")?;
+    devs.push(Arc::new(Mutex::new(
+        VirtioPciDevice::new(
+            Box::new(rng),
+            mem.clone(),
+            routing.clone(),
+            ioevents.clone(),
+        )
+        .context("virtio-rng")?,
+    )));
+    for d in devs {
+        bus.add_device(d)
+            .map_err(|e| anyhow::anyhow!("adding a PCI device: {e}"))?;
+    }
+
+    // vCPUs.
+    let mut vcpu_fds = Vec::new();
+    for id in 0..cfg.cpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+        setup_vcpu(&kvm, &vcpu, id, cfg.cpus).with_context(|| format!("setting up vcpu{id}"))?;
+        if id == 0 {
+            setup_boot_regs(&vcpu, entry)?;
+        }
+        vcpu_fds.push(vcpu);
+    }
+
+    if let Some(path) = &cfg.api_socket {
+        crate::control::start(path, shared.clone())?;
+    }
+
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    for (id, mut vcpu) in vcpu_fds.into_iter().enumerate() {
+        let exits = Exits {
+            legacy: legacy.clone(),
+            bus: bus.clone(),
+            shared: shared.clone(),
+        };
+        let sh = shared.clone();
+        let tx = tid_tx.clone();
+        thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                let pt = unsafe { libc::pthread_self() };
+                let _ = tx.send((id, gettid(), pt));
+                loop {
+                    if sh.stopping() {
+                        return;
+                    }
+                    sh.park_if_paused();
+                    match vcpu.run() {
+                        Ok(exit) => {
+                            if let Some(r) = exits.handle(exit, id as u32) {
+                                sh.request_exit(r);
+                                return;
+                            }
+                        }
+                        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                        Err(e) => {
+                            eprintln!("rvirt-vmm: vcpu{id}: KVM_RUN failed: {e}");
+                            sh.request_exit(ExitReason::Error);
+                            return;
+                        }
+                    }
+                }
+            })
+            .context("spawning a vCPU thread")?;
+    }
+    drop(tid_tx);
+    let mut threads: Vec<(usize, i32, libc::pthread_t)> =
+        tid_rx.iter().take(cfg.cpus as usize).collect();
+    threads.sort_by_key(|t| t.0);
+    *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) =
+        threads.into_iter().map(|(_, t, p)| (t, p)).collect();
+
+    let reason = shared.wait_exit();
+    shared.broadcast(&Event::Exited { reason });
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    if let SerialMode::Socket(p) = &cfg.serial {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = &cfg.api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = vm.as_raw_fd();
+    Ok(reason)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (both are
+        // dropped only when `run` returns and the process exits); its size is `region.len()`.
+        unsafe { vm.set_user_memory_region(r) }
+            .with_context(|| format!("KVM_SET_USER_MEMORY_REGION slot {slot}"))?;
+    }
+    Ok(())
+}

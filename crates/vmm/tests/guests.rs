@@ -1,0 +1,229 @@
+//! Boots the tiny guests from rvirt-testkit with the real `rvirt-vmm` binary and checks what
+//! they print and how the VMM exits. Skipped (with a message) without a usable /dev/kvm.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rvirt_testkit::GuestImage;
+
+const VMM: &str = env!("CARGO_BIN_EXE_rvirt-vmm");
+
+fn skip() -> bool {
+    if let Some(why) = rvirt_testkit::kvm_unavailable() {
+        eprintln!("skipped: {why}");
+        return true;
+    }
+    false
+}
+
+/// Run the VMM on `img`, killing it after 30 s.
+fn boot(img: &GuestImage, extra: &[&str]) -> Output {
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--kernel")
+        .arg(img.path())
+        .args(["--memory", "64M", "--serial", "stdio"])
+        .args(extra)
+        .stdin(std::process::Stdio::null());
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+fn run_with_timeout(mut cmd: Command, t: Duration) -> Output {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("spawn rvirt-vmm");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(t).is_err() {
+            // SAFETY: kill on our own child's pid; at worst the pid is already reaped (ESRCH).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().expect("wait rvirt-vmm");
+    let _ = tx.send(());
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serial_hello_powers_off_with_exit_0() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let out = boot(&img, &[]);
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout {so:?} stderr {se:?}");
+    assert_eq!(so, "hello from guest\n");
+    assert!(se.contains("boot-timer: "), "{se}");
+}
+
+#[test]
+fn serial_hello_with_two_vcpus_and_1g() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let out = boot(&img, &["--cpus", "2", "--memory", "1G"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from guest\n");
+}
+
+#[test]
+fn serial_none_discards_output() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let out = boot(&img, &["--serial", "none"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[test]
+fn i8042_reset_is_reboot_exit_3() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::i8042_reboot().unwrap();
+    let out = boot(&img, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "rebooting\n");
+}
+
+#[test]
+fn acpi_reset_register_is_reboot_exit_3() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::acpi_reset().unwrap();
+    let out = boot(&img, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+}
+
+#[test]
+fn triple_fault_is_crash_exit_4() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::triple_fault().unwrap();
+    let out = boot(&img, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+}
+
+#[test]
+fn pci_config_reads_host_bridge_and_virtio_rng() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::pci_probe().unwrap();
+    let out = boot(&img, &[]);
+    let so = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Host bridge 8086:0d57; without disks or NICs 00:01.0 is virtio-rng (1af4:1044).
+    assert!(so.contains("pci 00:00.0 0d578086\n"), "{so}");
+    assert!(so.contains("pci 00:01.0 10441af4\n"), "{so}");
+    assert!(so.contains("ecam 00:00.0 0d578086\n"), "{so}");
+}
+
+#[test]
+fn pci_first_slot_is_the_disk() {
+    if skip() {
+        return;
+    }
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(1 << 20).unwrap();
+    let img = rvirt_testkit::pci_probe().unwrap();
+    let spec = format!("path={},format=raw", disk.path().display());
+    let out = boot(&img, &["--disk", &spec]);
+    let so = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(so.contains("pci 00:01.0 10421af4\n"), "{so}");
+}
+
+fn vmm(args: &[&str]) -> Output {
+    let mut cmd = Command::new(VMM);
+    cmd.args(args);
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn missing_kernel_is_exit_1_naming_the_file() {
+    let out = vmm(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/vmlinux"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn not_a_kernel_is_exit_1() {
+    if skip() {
+        return;
+    }
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), b"this is not a kernel at all").unwrap();
+    let p = f.path().display().to_string();
+    let out = vmm(&["--kernel", &p, "--memory", "64M"]);
+    assert_eq!(out.status.code(), Some(1));
+    let se = text(&out.stderr);
+    assert!(se.contains(&p) && se.contains("not a kernel"), "{se}");
+}
+
+#[test]
+fn bad_memory_and_cpus_are_exit_1() {
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let k = img.path().display().to_string();
+    for (args, want) in [
+        (vec!["--memory", "0"], "--memory"),
+        (vec!["--memory", "5T"], "too big"),
+        (vec!["--cpus", "0"], "--cpus 0"),
+        (
+            vec!["--disk", "path=/nonexistent/d.img"],
+            "/nonexistent/d.img",
+        ),
+        (vec!["--serial", "file"], "--serial"),
+    ] {
+        let mut a = vec!["--kernel", &k];
+        a.extend(args.iter());
+        let out = vmm(&a);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn too_many_cpus_for_kvm_is_exit_1() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let k = img.path().display().to_string();
+    // 254 is accepted by the parser; most hosts' KVM allow more, so only check it does not
+    // panic and gives a definite answer.
+    let out = vmm(&[
+        "--kernel", &k, "--cpus", "254", "--memory", "64M", "--serial", "none",
+    ]);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn usage_errors_are_exit_2() {
+    let out = vmm(&["--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = vmm(&[]);
+    assert_eq!(out.status.code(), Some(2));
+}
