@@ -58,8 +58,37 @@ pub struct LinkInfoView {
 
 /// A netlink connection in the calling thread's network namespace.
 pub struct Netlink {
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop.
+    rt: Option<tokio::runtime::Runtime>,
     handle: Handle,
+}
+
+/// Runs `f` on `rt`. Inside an async context (a tokio worker thread) a nested `block_on` would
+/// panic, so the wait moves to a scoped thread; a new thread shares the caller's network
+/// namespace, so the socket stays where the caller is.
+fn run_on<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    } else {
+        rt.block_on(f)
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        // A plain drop of a runtime inside an async context panics; this one does not wait.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The alias that marks a link as rvirt's.
@@ -73,14 +102,24 @@ impl Netlink {
             .enable_io()
             .build()
             .map_err(LinkError::Socket)?;
-        let (conn, handle) = rt
-            .block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection()?;
-                Ok::<_, std::io::Error>((conn, handle))
-            })
-            .map_err(LinkError::Socket)?;
+        let (conn, handle) = run_on(&rt, async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            Ok::<_, std::io::Error>((conn, handle))
+        })
+        .map_err(LinkError::Socket)?;
         rt.spawn(conn);
-        Ok(Netlink { rt, handle })
+        Ok(Netlink {
+            rt: Some(rt),
+            handle,
+        })
+    }
+
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        run_on(self.rt.as_ref().expect("runtime lives until drop"), f)
     }
 
     fn nl(what: &'static str, link: &str) -> impl FnOnce(rtnetlink::Error) -> LinkError {
@@ -91,7 +130,6 @@ impl Netlink {
     /// All links in the namespace.
     pub fn links(&self) -> Result<Vec<LinkInfoView>> {
         let msgs: Vec<LinkMessage> = self
-            .rt
             .block_on(self.handle.link().get().execute().try_collect())
             .map_err(Self::nl("list links", "*"))?;
         Ok(msgs.into_iter().map(view).collect())
@@ -138,8 +176,7 @@ impl Netlink {
         if let Some(m) = mac {
             b = b.address(m.0.to_vec());
         }
-        self.rt
-            .block_on(self.handle.link().add(b.build()).execute())
+        self.block_on(self.handle.link().add(b.build()).execute())
             .map_err(Self::nl("create bridge", name))?;
         // The kernel ignores IFLA_IFALIAS when creating a link, so the mark is a second step. The
         // create was exclusive, so until the mark is set the link is certainly ours to remove.
@@ -150,8 +187,8 @@ impl Netlink {
         let mark = LinkUnspec::new_with_index(index)
             .alias(owner_alias(owner))
             .build();
-        if let Err(e) = self.rt.block_on(self.handle.link().set(mark).execute()) {
-            let _ = self.rt.block_on(self.handle.link().del(index).execute());
+        if let Err(e) = self.block_on(self.handle.link().set(mark).execute()) {
+            let _ = self.block_on(self.handle.link().del(index).execute());
             return Err(Self::nl("set alias", name)(e));
         }
         Ok(())
@@ -160,22 +197,20 @@ impl Netlink {
     /// Adds an IPv4 address to a link rvirt owns.
     pub fn add_address(&self, name: &str, owner: &str, ip: Ipv4Net) -> Result<()> {
         let l = self.owned(name, owner)?;
-        self.rt
-            .block_on(
-                self.handle
-                    .address()
-                    .add(l.index, ip.addr.into(), ip.prefix)
-                    .execute(),
-            )
-            .map_err(Self::nl("add address", name))
+        self.block_on(
+            self.handle
+                .address()
+                .add(l.index, ip.addr.into(), ip.prefix)
+                .execute(),
+        )
+        .map_err(Self::nl("add address", name))
     }
 
     pub fn set_up(&self, name: &str, owner: &str, up: bool) -> Result<()> {
         let l = self.owned(name, owner)?;
         let msg = LinkUnspec::new_with_index(l.index);
         let msg = if up { msg.up() } else { msg.down() };
-        self.rt
-            .block_on(self.handle.link().set(msg.build()).execute())
+        self.block_on(self.handle.link().set(msg.build()).execute())
             .map_err(Self::nl("set up/down", name))
     }
 
@@ -196,8 +231,7 @@ impl Netlink {
             .controller(b.index)
             .up()
             .build();
-        self.rt
-            .block_on(self.handle.link().set(msg).execute())
+        self.block_on(self.handle.link().set(msg).execute())
             .map_err(Self::nl("attach to bridge", name))
     }
 
@@ -215,8 +249,7 @@ impl Netlink {
         let msg = LinkUnspec::new_with_index(l.index)
             .alias(owner_alias(owner))
             .build();
-        self.rt
-            .block_on(self.handle.link().set(msg).execute())
+        self.block_on(self.handle.link().set(msg).execute())
             .map_err(Self::nl("set alias", name))
     }
 
@@ -236,8 +269,7 @@ impl Netlink {
                 why: "it is not rvirt's TAP".into(),
             });
         }
-        self.rt
-            .block_on(self.handle.link().del(l.index).execute())
+        self.block_on(self.handle.link().del(l.index).execute())
             .map_err(Self::nl("delete", name))
     }
 
@@ -247,8 +279,7 @@ impl Netlink {
             Err(LinkError::NotFound(_)) => return Ok(false),
             other => other?,
         };
-        self.rt
-            .block_on(self.handle.link().del(l.index).execute())
+        self.block_on(self.handle.link().del(l.index).execute())
             .map_err(Self::nl("delete", name))?;
         Ok(true)
     }
@@ -261,7 +292,6 @@ impl Netlink {
             .map(|l| (l.index, l.name))
             .collect();
         let msgs: Vec<_> = self
-            .rt
             .block_on(
                 self.handle
                     .route()

@@ -713,3 +713,31 @@ fn default_network_is_defined_once_on_a_free_subnet() {
     });
     let _ = manager(&d);
 }
+
+#[test]
+fn manager_works_when_called_from_async_code() {
+    skip_if_unsupported!();
+    let ns = Netns::new("async", &["host"]);
+    let d = dirs();
+    let host = ns.name("host").to_owned();
+    let (state, run) = (d.state.clone(), d.run.clone());
+    in_netns(&host, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let m = manager_at(&state, &run);
+            m.define(ISO_XML).unwrap();
+            m.start("isonet").unwrap();
+            let tap = m
+                .attach_interface("vm", &InterfaceSource::Network("isonet".into()))
+                .unwrap();
+            assert!(ok(&["ip", "link", "show", &tap.tap]).contains("master rvtiso0"));
+            m.detach_interface("vm", &tap.tap).unwrap();
+            m.destroy("isonet", false).unwrap();
+        });
+        assert_no_leftovers(&run);
+    });
+    assert!(ns.pids(&host).is_empty());
+}
