@@ -1,0 +1,213 @@
+//! The control socket against a running VMM (tiny idle / power-button guests).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState};
+
+const VMM: &str = env!("CARGO_BIN_EXE_rvirt-vmm");
+
+struct Vm {
+    child: Child,
+    sock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _img: rvirt_testkit::GuestImage,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(img: rvirt_testkit::GuestImage, cpus: &str) -> Option<Vm> {
+    if let Some(why) = rvirt_testkit::kvm_unavailable() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(VMM)
+        .arg("--kernel")
+        .arg(img.path())
+        .args([
+            "--memory", "64M", "--cpus", cpus, "--name", "t1", "--serial", "none",
+        ])
+        .arg("--api-socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(Vm {
+        child,
+        sock,
+        _dir: dir,
+        _img: img,
+    })
+}
+
+struct Conn {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Conn {
+    fn new(vm: &Vm) -> Conn {
+        let w = UnixStream::connect(&vm.sock).unwrap();
+        w.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Conn { w, r }
+    }
+    fn send(&mut self, req: &Request) {
+        let mut l = serde_json::to_string(req).unwrap();
+        l.push('\n');
+        self.w.write_all(l.as_bytes()).unwrap();
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        l
+    }
+    fn call(&mut self, req: Request) -> Response {
+        self.send(&req);
+        serde_json::from_str(&self.line()).unwrap()
+    }
+    fn event(&mut self) -> Event {
+        let l = self.line();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    }
+}
+
+fn wait_exit(vm: &mut Vm) -> Option<i32> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = vm.child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "VMM did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn info_vcpu_info_stats_pause_resume_quit() {
+    let Some(mut vm) = start(rvirt_testkit::idle().unwrap(), "2") else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    match c.call(Request::Info) {
+        Response::Info {
+            pid,
+            name,
+            state,
+            vcpus,
+            memory_bytes,
+        } => {
+            assert_eq!(pid, vm.child.id());
+            assert_eq!(name.as_deref(), Some("t1"));
+            assert_eq!(state, RunState::Running);
+            assert_eq!(vcpus, 2);
+            assert_eq!(memory_bytes, 64 << 20);
+        }
+        r => panic!("{r:?}"),
+    }
+    match c.call(Request::VcpuInfo) {
+        Response::VcpuInfo { vcpus } => {
+            assert_eq!(vcpus.len(), 2);
+            for v in vcpus {
+                let comm =
+                    std::fs::read_to_string(format!("/proc/{}/task/{}/comm", vm.child.id(), v.tid))
+                        .unwrap();
+                assert_eq!(comm.trim(), format!("vcpu{}", v.vcpu));
+            }
+        }
+        r => panic!("{r:?}"),
+    }
+    match c.call(Request::Stats) {
+        Response::Stats {
+            rss_bytes,
+            cpu_time_ns,
+        } => {
+            assert!(rss_bytes > 1 << 20, "{rss_bytes}");
+            assert!(cpu_time_ns > 0);
+        }
+        r => panic!("{r:?}"),
+    }
+    let mut w = Conn::new(&vm);
+    w.send(&Request::Watch);
+    // Give the watcher time to register before the state changes.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(c.call(Request::Pause), Response::Ok);
+    assert_eq!(
+        w.event(),
+        Event::StateChanged {
+            state: RunState::Paused
+        }
+    );
+    match c.call(Request::Info) {
+        Response::Info { state, .. } => assert_eq!(state, RunState::Paused),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(c.call(Request::Resume), Response::Ok);
+    assert_eq!(
+        w.event(),
+        Event::StateChanged {
+            state: RunState::Running
+        }
+    );
+    assert_eq!(c.call(Request::Quit), Response::Ok);
+    assert_eq!(
+        w.event(),
+        Event::Exited {
+            reason: ExitReason::Quit
+        }
+    );
+    assert_eq!(wait_exit(&mut vm), Some(0));
+}
+
+#[test]
+fn bad_request_gets_an_error_line() {
+    let Some(vm) = start(rvirt_testkit::idle().unwrap(), "1") else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    c.w.write_all(b"{\"request\":\"explode\"}\n").unwrap();
+    let r: Response = serde_json::from_str(&c.line()).unwrap();
+    assert!(matches!(r, Response::Error { .. }), "{r:?}");
+}
+
+#[test]
+fn power_button_makes_the_guest_power_off() {
+    let Some(mut vm) = start(rvirt_testkit::power_button().unwrap(), "1") else {
+        return;
+    };
+    let mut w = Conn::new(&vm);
+    w.send(&Request::Watch);
+    // Let the guest enable the power-button event.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = Conn::new(&vm);
+    assert_eq!(c.call(Request::PowerButton), Response::Ok);
+    assert_eq!(
+        w.event(),
+        Event::StateChanged {
+            state: RunState::ShuttingDown
+        }
+    );
+    assert_eq!(
+        w.event(),
+        Event::Exited {
+            reason: ExitReason::Poweroff
+        }
+    );
+    assert_eq!(wait_exit(&mut vm), Some(0));
+}
