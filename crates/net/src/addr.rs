@@ -89,17 +89,20 @@ impl FromStr for Ipv4Net {
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
-    /// A random locally administered address in the KVM/libvirt prefix 52:54:00.
+    /// A random address in the KVM/libvirt prefix 52:54:00 (from /dev/urandom; the clock and
+    /// pid are the fallback).
     pub fn random_kvm() -> MacAddr {
+        use std::io::Read;
         let mut b = [0u8; 3];
-        // Weak randomness is fine: uniqueness is checked by the caller against known MACs.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            ^ u128::from(std::process::id()) << 32;
-        let x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
-        b.copy_from_slice(&x.to_le_bytes()[..3]);
+        let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+        if read.is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let x = (nanos ^ std::process::id().rotate_left(16)).wrapping_mul(0x9E37_79B9);
+            b.copy_from_slice(&x.to_le_bytes()[..3]);
+        }
         MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
     }
 }
