@@ -2,7 +2,7 @@
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 {
-        eprintln!("usage: write-guest serial_hello|i8042_reboot|acpi_reset|triple_fault|pci_probe|idle|power_button OUT");
+        eprintln!("usage: write-guest serial_hello|i8042_reboot|acpi_reset|triple_fault|pci_probe|idle|power_button|pvh_info|serial_echo|elf64_hello|bzimage_hello OUT");
         std::process::exit(2);
     }
     let img = match args[1].as_str() {
@@ -13,6 +13,10 @@ fn main() {
         "pci_probe" => rvirt_testkit::pci_probe(),
         "idle" => rvirt_testkit::idle(),
         "power_button" => rvirt_testkit::power_button(),
+        "pvh_info" => rvirt_testkit::pvh_info(),
+        "serial_echo" => rvirt_testkit::serial_echo(),
+        "elf64_hello" => rvirt_testkit::elf64_hello(),
+        "bzimage_hello" => rvirt_testkit::bzimage_hello(),
         other => {
             eprintln!("unknown guest {other}");
             std::process::exit(2);

@@ -50,9 +50,16 @@ impl GuestImage {
 
 /// Wrap flat code loaded at [`LOAD_ADDR`] into a PVH ELF64 whose entry is [`LOAD_ADDR`].
 pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    elf(code, true)
+}
+
+/// Wrap flat code loaded at [`LOAD_ADDR`] into an ELF64 (entry [`LOAD_ADDR`]), with or without
+/// the PVH note. Without it the VMM uses the 64-bit Linux boot protocol.
+pub fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
-    let note_off = EHDR + 2 * PHDR;
+    let phnum = if pvh { 2 } else { 1 };
+    let note_off = EHDR + phnum * PHDR;
     let mut note = Vec::new();
     note.extend_from_slice(&4u32.to_le_bytes()); // namesz "Xen\0"
     note.extend_from_slice(&4u32.to_le_bytes()); // descsz
@@ -75,7 +82,7 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&0u32.to_le_bytes()); // flags
     v.extend_from_slice(&(EHDR as u16).to_le_bytes());
     v.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    v.extend_from_slice(&2u16.to_le_bytes()); // phnum
+    v.extend_from_slice(&(phnum as u16).to_le_bytes()); // phnum
     v.extend_from_slice(&64u16.to_le_bytes()); // shentsize
     v.extend_from_slice(&0u16.to_le_bytes()); // shnum
     v.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
@@ -92,8 +99,10 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
             v.extend_from_slice(&align.to_le_bytes());
         };
     phdr(&mut v, 1, 7, code_off, LOAD_ADDR, code.len(), 16); // PT_LOAD RWX
-    phdr(&mut v, 4, 4, note_off, 0, note.len(), 4); // PT_NOTE
-    v.extend_from_slice(&note);
+    if pvh {
+        phdr(&mut v, 4, 4, note_off, 0, note.len(), 4); // PT_NOTE
+        v.extend_from_slice(&note);
+    }
     v.resize(code_off, 0);
     v.extend_from_slice(code);
     v
@@ -128,12 +137,23 @@ impl Data {
 pub fn assemble(
     f: impl FnOnce(&mut CodeAssembler, &mut Data) -> Result<(), IcedError>,
 ) -> Result<Vec<u8>, Error> {
-    let mut a = CodeAssembler::new(32)?;
+    assemble_at(32, LOAD_ADDR, f)
+}
+
+/// Assemble a `bitness`-bit program at `addr`; the data area follows at
+/// [`LOAD_ADDR`] + [`DATA_OFFSET`] so `addr` must be within the first page of the image.
+pub fn assemble_at(
+    bitness: u32,
+    addr: u64,
+    f: impl FnOnce(&mut CodeAssembler, &mut Data) -> Result<(), IcedError>,
+) -> Result<Vec<u8>, Error> {
+    let mut a = CodeAssembler::new(bitness)?;
     let mut d = Data::default();
     // PVH enters with no stack: use the 64 KiB below the image.
     a.mov(esp, LOAD_ADDR as u32)?;
     f(&mut a, &mut d)?;
-    let mut code = a.assemble(LOAD_ADDR)?;
+    let mut code = vec![0u8; (addr - LOAD_ADDR) as usize];
+    code.extend_from_slice(&a.assemble(addr)?);
     assert!(code.len() as u64 <= DATA_OFFSET, "guest code too large");
     code.resize(DATA_OFFSET as usize, 0);
     code.extend_from_slice(&d.bytes);
@@ -322,6 +342,131 @@ pub fn power_button() -> Result<GuestImage, Error> {
     GuestImage::from_bytes(&pvh_elf(&code))
 }
 
+/// PVH: checks the `hvm_start_info` magic at EBX (prints "bad start_info\n" otherwise),
+/// prints `cmdline: <cmdline>\n`, then, if there is a module (initrd), `initrd: <its first
+/// bytes up to a NUL>\n`, and powers off.
+pub fn pvh_info() -> Result<GuestImage, Error> {
+    let code = assemble(|a, d| {
+        let bad = d.str("bad start_info\n");
+        let m_cmd = d.str("cmdline: ");
+        let m_initrd = d.str("initrd: ");
+        let nl = d.str("\n");
+        let mut fail = a.create_label();
+        let mut no_mod = a.create_label();
+        a.mov(ebp, ebx)?;
+        a.cmp(dword_ptr(ebp), 0x336e_c578u32)?;
+        a.jne(fail)?;
+        print(a, m_cmd)?;
+        a.mov(esi, dword_ptr(ebp + 24))?;
+        print_at_esi(a)?;
+        print(a, nl)?;
+        a.cmp(dword_ptr(ebp + 12), 0u32)?;
+        a.je(no_mod)?;
+        print(a, m_initrd)?;
+        a.mov(esi, dword_ptr(ebp + 16))?;
+        a.mov(esi, dword_ptr(esi))?;
+        print_at_esi(a)?;
+        print(a, nl)?;
+        a.set_label(&mut no_mod)?;
+        poweroff(a)?;
+        a.set_label(&mut fail)?;
+        print(a, bad)?;
+        poweroff(a)
+    })?;
+    GuestImage::from_bytes(&pvh_elf(&code))
+}
+
+/// Print the NUL-terminated string at ESI (clobbers eax, edx, esi).
+fn print_at_esi(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut lp = a.create_label();
+    let mut done = a.create_label();
+    a.mov(dx, 0x3f8u32)?;
+    a.set_label(&mut lp)?;
+    a.mov(al, byte_ptr(esi))?;
+    a.test(al, al)?;
+    a.jz(done)?;
+    a.out(dx, al)?;
+    a.inc(esi)?;
+    a.jmp(lp)?;
+    a.set_label(&mut done)?;
+    a.nop()
+}
+
+/// 64-bit code for the Linux boot protocol guests: RSI = zero page. Checks the boot_params
+/// `boot_flag` 0xAA55 and "HdrS", prints `<hello>` then `cmdline: <cmdline>\n`, powers off.
+fn long_mode_body(a: &mut CodeAssembler, d: &mut Data, hello: &str) -> Result<(), IcedError> {
+    let bad = d.str("bad zero page\n");
+    let hello = d.str(hello);
+    let m_cmd = d.str("cmdline: ");
+    let nl = d.str("\n");
+    let mut fail = a.create_label();
+    a.mov(r15, rsi)?;
+    a.cmp(word_ptr(r15 + 0x1fe), 0xaa55u32)?;
+    a.jne(fail)?;
+    a.cmp(dword_ptr(r15 + 0x202), 0x5372_6448u32)?;
+    a.jne(fail)?;
+    print(a, hello)?;
+    print(a, m_cmd)?;
+    a.mov(esi, dword_ptr(r15 + 0x228))?;
+    print_at_esi(a)?;
+    print(a, nl)?;
+    poweroff(a)?;
+    a.set_label(&mut fail)?;
+    print(a, bad)?;
+    poweroff(a)
+}
+
+/// An ELF without the PVH note (64-bit Linux boot protocol): see [`long_mode_body`]; prints
+/// "hello from long mode\n".
+pub fn elf64_hello() -> Result<GuestImage, Error> {
+    let code = assemble_at(64, LOAD_ADDR, |a, d| {
+        long_mode_body(a, d, "hello from long mode\n")
+    })?;
+    GuestImage::from_bytes(&elf(&code, false))
+}
+
+/// A minimal bzImage (boot sector + one setup sector + protected-mode part whose 64-bit entry
+/// at +0x200 runs [`long_mode_body`]); prints "hello from bzImage\n".
+pub fn bzimage_hello() -> Result<GuestImage, Error> {
+    let code = assemble_at(64, LOAD_ADDR + 0x200, |a, d| {
+        long_mode_body(a, d, "hello from bzImage\n")
+    })?;
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 0x01; // LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&(LOAD_ADDR as u32).to_le_bytes()); // code32_start
+    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    img[0x236..0x238].copy_from_slice(&0x1u16.to_le_bytes()); // XLF_KERNEL_64
+    img[0x238..0x23c].copy_from_slice(&0x7ffu32.to_le_bytes()); // cmdline_size
+    img.extend_from_slice(&code);
+    GuestImage::from_bytes(&img)
+}
+
+/// Echoes COM1 input back (polling the line status register); after echoing a `q` it powers
+/// off.
+pub fn serial_echo() -> Result<GuestImage, Error> {
+    let code = assemble(|a, _| {
+        let mut poll = a.create_label();
+        a.set_label(&mut poll)?;
+        a.pause()?;
+        a.mov(dx, 0x3fdu32)?;
+        a.in_(al, dx)?;
+        a.test(al, 1u32)?;
+        a.jz(poll)?;
+        a.mov(dx, 0x3f8u32)?;
+        a.in_(al, dx)?;
+        a.out(dx, al)?;
+        a.cmp(al, b'q' as u32)?;
+        a.jne(poll)?;
+        poweroff(a)
+    })?;
+    GuestImage::from_bytes(&pvh_elf(&code))
+}
+
 /// True if /dev/kvm can be opened read-write; otherwise the reason to print when skipping.
 pub fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -357,6 +502,10 @@ mod tests {
             pci_probe(),
             idle(),
             power_button(),
+            pvh_info(),
+            serial_echo(),
+            elf64_hello(),
+            bzimage_hello(),
         ] {
             let img = img.unwrap();
             assert!(std::fs::metadata(img.path()).unwrap().len() > 150);

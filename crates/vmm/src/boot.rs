@@ -95,7 +95,8 @@ pub fn load(cfg: &VmConfig, mem: &GuestMem, rsdp: Option<u64>) -> Result<BootEnt
             )
         })?
     };
-    let kernel_end = res.kernel_load.0 + res.kernel_end;
+    // Both loaders report the end as an absolute guest address.
+    let kernel_end = res.kernel_end;
 
     // Command line.
     let mut cmd = cfg.cmdline.clone().into_bytes();

@@ -85,10 +85,8 @@ pub fn answer(req: &Request, sh: &Shared) -> Response {
             }
             Response::Ok
         }
-        Request::Quit => {
-            sh.request_exit(ExitReason::Quit);
-            Response::Ok
-        }
+        // `serve` answers before stopping the VM, so the client gets its reply.
+        Request::Quit => Response::Ok,
         Request::VcpuInfo => {
             let state = sh.run_state();
             let vcpus = sh
@@ -121,21 +119,26 @@ fn serve(s: UnixStream, sh: Arc<Shared>) {
         if line.trim().is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
+        let req = serde_json::from_str::<Request>(&line);
+        let resp = match &req {
             Ok(Request::Watch) => {
                 if let Ok(c) = w.try_clone() {
                     sh.watchers.lock().unwrap_or_else(|e| e.into_inner()).push(c);
                 }
                 return;
             }
-            Ok(req) => answer(&req, &sh),
+            Ok(req) => answer(req, &sh),
             Err(e) => Response::Error {
                 message: format!("bad request ({e}); send one JSON object per line, e.g. {{\"request\":\"info\"}}"),
             },
         };
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{}".into());
         out.push('\n');
-        if w.write_all(out.as_bytes()).is_err() {
+        let sent = w.write_all(out.as_bytes()).is_ok();
+        if matches!(req, Ok(Request::Quit)) {
+            sh.request_exit(ExitReason::Quit);
+        }
+        if !sent {
             return;
         }
     }

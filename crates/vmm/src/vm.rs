@@ -698,10 +698,6 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         vcpu_fds.push(vcpu);
     }
 
-    if let Some(path) = &cfg.api_socket {
-        crate::control::start(path, shared.clone())?;
-    }
-
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     for (id, mut vcpu) in vcpu_fds.into_iter().enumerate() {
         let exits = Exits {
@@ -746,6 +742,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     threads.sort_by_key(|t| t.0);
     *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) =
         threads.into_iter().map(|(_, t, p)| (t, p)).collect();
+
+    // The control socket answers once the VM is fully set up (vCPU threads known).
+    if let Some(path) = &cfg.api_socket {
+        crate::control::start(path, shared.clone())?;
+    }
 
     let reason = shared.wait_exit();
     shared.broadcast(&Event::Exited { reason });

@@ -19,7 +19,11 @@ struct Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let st = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self._dir.path().join("stderr")).unwrap_or_default();
+            eprintln!("VMM status {st:?}, stderr:\n{log}");
+        }
     }
 }
 
@@ -39,8 +43,8 @@ fn start(img: rvirt_testkit::GuestImage, cpus: &str) -> Option<Vm> {
         .arg("--api-socket")
         .arg(&sock)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
         .spawn()
         .unwrap();
     let t = Instant::now();

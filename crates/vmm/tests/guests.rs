@@ -227,3 +227,86 @@ fn usage_errors_are_exit_2() {
     let out = vmm(&[]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn pvh_start_info_carries_cmdline_and_initrd() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::pvh_info().unwrap();
+    let initrd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(initrd.path(), b"INITRD-OK\0padding").unwrap();
+    let ip = initrd.path().display().to_string();
+    let out = boot(&img, &["--cmdline", "console=ttyS0 x=1", "--initrd", &ip]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "cmdline: console=ttyS0 x=1\ninitrd: INITRD-OK\n"
+    );
+}
+
+#[test]
+fn elf_without_pvh_note_boots_in_long_mode_with_zero_page() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::elf64_hello().unwrap();
+    let out = boot(&img, &["--cmdline", "root=/dev/vda"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "hello from long mode\ncmdline: root=/dev/vda\n"
+    );
+}
+
+#[test]
+fn bzimage_boots_at_64_bit_entry_with_zero_page() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::bzimage_hello().unwrap();
+    let out = boot(&img, &["--cmdline", "quiet", "--cpus", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from bzImage\ncmdline: quiet\n");
+}
+
+#[test]
+fn serial_socket_carries_input_and_output() {
+    use std::io::{Read, Write};
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_echo().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("serial.sock");
+    let spec = format!("socket={}", sock.display());
+    let mut child = Command::new(VMM)
+        .arg("--kernel")
+        .arg(img.path())
+        .args(["--memory", "64M", "--serial", &spec])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut s = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no serial socket");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"hi q").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while got.len() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "console closed early: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"hi q");
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(!sock.exists(), "serial socket left behind");
+}
