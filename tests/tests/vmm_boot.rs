@@ -1,9 +1,6 @@
 //! rvirt-vmm boots Debian's stock kernel with the test initramfs inside the test host VM: all
 //! vCPUs online, memory within 5%, virtio-blk read and written (the test host checks the bytes),
 //! virtio-net pings the test host's end of the TAP, /dev/hwrng gives bytes, poweroff exits 0.
-//!
-//! Ignored until rvirt-vmm boots Linux: `cargo test -p rvirt-tests -- --ignored` runs them. Whoever
-//! makes them pass removes the `#[ignore]`s, so CI keeps them from regressing.
 
 use rvirt_tests::{Scenario, TestHost};
 
@@ -25,25 +22,21 @@ fn boot(kernel: &str, cpus: u32) {
 }
 
 #[test]
-#[ignore = "rvirt-vmm does not boot Linux yet (issue #2): run with --ignored"]
 fn pvh_vmlinux_1_vcpu() {
     boot("vmlinux", 1);
 }
 
 #[test]
-#[ignore = "rvirt-vmm does not boot Linux yet (issue #2): run with --ignored"]
 fn pvh_vmlinux_2_vcpus() {
     boot("vmlinux", 2);
 }
 
 #[test]
-#[ignore = "rvirt-vmm does not boot Linux yet (issue #2): run with --ignored"]
 fn bzimage_1_vcpu() {
     boot("bzImage", 1);
 }
 
 #[test]
-#[ignore = "rvirt-vmm does not boot Linux yet (issue #2): run with --ignored"]
 fn bzimage_2_vcpus() {
     boot("bzImage", 2);
 }
