@@ -226,6 +226,59 @@ pub struct MemStats {
     pub rss: u64,
 }
 
+/// `GET /v1/networks` row and `GET /v1/networks/{name}` (virsh net-list / net-info).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    pub name: String,
+    pub uuid: String,
+    pub active: bool,
+    pub autostart: bool,
+    pub persistent: bool,
+    /// The bridge guests join ("" when none).
+    pub bridge: String,
+}
+
+/// `POST /v1/networks`: define a network from libvirt network XML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDefineRequest {
+    pub xml: String,
+}
+
+/// `POST /v1/networks` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDefineResponse {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// `GET /v1/networks/{name}/dhcp-leases` row; libvirt's JSON field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDhcpLease {
+    pub iface: String,
+    /// Seconds since the epoch; 0 for an infinite lease.
+    pub expirytime: u64,
+    /// "ipv4" or "ipv6".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub mac: String,
+    pub ipaddr: String,
+    pub prefix: u8,
+    pub hostname: Option<String>,
+    pub clientid: Option<String>,
+}
+
+/// `GET /v1/domains/{name}/ifaddr` row (virsh domifaddr, lease source).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IfAddr {
+    /// Host-side TAP name.
+    pub name: String,
+    pub mac: String,
+    /// "ipv4".
+    pub protocol: String,
+    /// address/prefix
+    pub address: String,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -238,6 +291,7 @@ pub struct ErrorBody {
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     NoDomain,
+    NoNetwork,
     OperationInvalid,
     XmlError,
     ConfigUnsupported,
@@ -250,7 +304,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::NoDomain => 404,
+            ErrorCode::NoDomain | ErrorCode::NoNetwork => 404,
             ErrorCode::OperationInvalid => 409,
             ErrorCode::XmlError | ErrorCode::ConfigUnsupported | ErrorCode::InvalidArg => 400,
             ErrorCode::OperationTimeout => 504,

@@ -38,6 +38,164 @@ fn get<T: DeserializeOwned>(c: &Client, d: &str, rest: &str) -> Result<T, Vec<St
     c.get(&dom_path(d, rest)).map_err(|e| fail(None, d, e))
 }
 
+fn net_path(n: &str, rest: &str) -> String {
+    format!("/v1/networks/{}{rest}", seg(n))
+}
+
+fn net_fail(context: Option<String>, key: &str, e: ClientError) -> Vec<String> {
+    match e.code() {
+        Some(ErrorCode::NoNetwork) => vec![format!("failed to get network '{key}'"), e.to_string()],
+        _ => context.into_iter().chain([e.to_string()]).collect(),
+    }
+}
+
+fn net_get<T: DeserializeOwned>(c: &Client, n: &str, rest: &str) -> Result<T, Vec<String>> {
+    c.get(&net_path(n, rest)).map_err(|e| net_fail(None, n, e))
+}
+
+/// A network action: POST, then virsh's confirmation line.
+fn net_action(c: &Client, n: &str, rest: &str, verb: &str, done: &str) -> Out {
+    c.post::<serde_json::Value>(&net_path(n, rest), &json!({}))
+        .map_err(|e| net_fail(Some(format!("Failed to {verb} network '{n}'")), n, e))?;
+    println!("Network '{n}' {done}\n");
+    Ok(())
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+fn net_list(c: &Client, all: bool, inactive: bool, name: bool, json: bool) -> Out {
+    let mut nets: Vec<NetworkSummary> = c
+        .get("/v1/networks")
+        .map_err(|e| vec!["failed to list networks".to_string(), e.to_string()])?;
+    nets.retain(|n| all || (inactive && !n.active) || (!inactive && n.active));
+    nets.sort_by(|a, b| a.name.cmp(&b.name));
+    if json {
+        print_json(&nets);
+        return Ok(());
+    }
+    if name {
+        for n in &nets {
+            println!("{}", n.name);
+        }
+        println!();
+        return Ok(());
+    }
+    print!("{}", net_list_table(&nets));
+    println!();
+    Ok(())
+}
+
+pub fn net_list_table(nets: &[NetworkSummary]) -> String {
+    let mut t = Table::new(&["Name", "State", "Autostart", "Persistent"]);
+    for n in nets {
+        t.row(vec![
+            n.name.clone(),
+            if n.active { "active" } else { "inactive" }.to_string(),
+            yes_no(n.autostart),
+            yes_no(n.persistent),
+        ]);
+    }
+    t.render()
+}
+
+fn net_info(c: &Client, n: &str, json: bool) -> Out {
+    let i: NetworkSummary = net_get(c, n, "")?;
+    if json {
+        print_json(&i);
+        return Ok(());
+    }
+    let row = |k: &str, v: String| println!("{k:<15} {v}");
+    row("Name:", i.name.clone());
+    row("UUID:", i.uuid.clone());
+    row("Active:", yes_no(i.active));
+    row("Persistent:", yes_no(i.persistent));
+    row("Autostart:", yes_no(i.autostart));
+    row("Bridge:", i.bridge.clone());
+    println!();
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time, as virsh prints lease expiry.
+fn local_time(secs: u64) -> String {
+    if secs == 0 {
+        return "never".to_string();
+    }
+    let t = secs as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which lives on this stack frame.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return secs.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+pub fn leases_table(leases: &[NetDhcpLease]) -> String {
+    let mut t = Table::new(&[
+        "Expiry Time",
+        "MAC address",
+        "Protocol",
+        "IP address",
+        "Hostname",
+        "Client ID or DUID",
+    ]);
+    for l in leases {
+        t.row(vec![
+            local_time(l.expirytime),
+            l.mac.clone(),
+            l.kind.clone(),
+            format!("{}/{}", l.ipaddr, l.prefix),
+            l.hostname.clone().unwrap_or_else(|| "-".into()),
+            l.clientid.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.render()
+}
+
+fn net_dhcp_leases(c: &Client, n: &str, mac: Option<String>, json: bool) -> Out {
+    let mut leases: Vec<NetDhcpLease> = net_get(c, n, "/dhcp-leases")?;
+    if let Some(m) = &mac {
+        leases.retain(|l| l.mac.eq_ignore_ascii_case(m));
+    }
+    if json {
+        print_json(&leases);
+        return Ok(());
+    }
+    print!("{}", leases_table(&leases));
+    println!();
+    Ok(())
+}
+
+fn domifaddr(c: &Client, d: &str, json: bool) -> Out {
+    let addrs: Vec<IfAddr> = get(c, d, "/ifaddr")?;
+    if json {
+        print_json(&addrs);
+        return Ok(());
+    }
+    let mut t = Table::new(&["Name", "MAC address", "Protocol", "Address"]);
+    for a in &addrs {
+        t.row(vec![
+            a.name.clone(),
+            a.mac.clone(),
+            a.protocol.clone(),
+            a.address.clone(),
+        ]);
+    }
+    print!("{}", t.render());
+    println!();
+    Ok(())
+}
+
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
@@ -216,6 +374,81 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             println!("{}", t.render());
             Ok(())
         }
+        Cmd::Domifaddr { domain, json } => domifaddr(c, &domain, json),
+        Cmd::NetDefine { file } => {
+            let xml = read_file(&file)?;
+            let r: NetDefineResponse =
+                c.post("/v1/networks", &NetDefineRequest { xml })
+                    .map_err(|e| {
+                        fail(
+                            Some(format!("Failed to define network from {}", file.display())),
+                            "",
+                            e,
+                        )
+                    })?;
+            println!("Network '{}' defined from {}\n", r.name, file.display());
+            Ok(())
+        }
+        Cmd::NetUndefine { network } => {
+            c.call::<serde_json::Value>("DELETE", &net_path(&network, ""), None::<&()>)
+                .map_err(|e| {
+                    net_fail(
+                        Some(format!("Failed to undefine network '{network}'")),
+                        &network,
+                        e,
+                    )
+                })?;
+            println!("Network '{network}' has been undefined\n");
+            Ok(())
+        }
+        Cmd::NetStart { network } => net_action(c, &network, "/start", "start", "started"),
+        Cmd::NetDestroy { network, force } => {
+            let q = if force {
+                "/destroy?force=true"
+            } else {
+                "/destroy"
+            };
+            net_action(c, &network, q, "destroy", "destroyed")
+        }
+        Cmd::NetList {
+            all,
+            inactive,
+            name,
+            json,
+        } => net_list(c, all, inactive, name, json),
+        Cmd::NetInfo { network, json } => net_info(c, &network, json),
+        Cmd::NetDumpxml { network } => {
+            let x: XmlBody = net_get(c, &network, "/xml")?;
+            print!("{}", x.xml);
+            if !x.xml.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+        Cmd::NetAutostart { network, disable } => {
+            c.call::<serde_json::Value>(
+                "PUT",
+                &net_path(&network, "/autostart"),
+                Some(&AutostartRequest { enable: !disable }),
+            )
+            .map_err(|e| {
+                let what = if disable { "unmark" } else { "mark" };
+                net_fail(
+                    Some(format!(
+                        "failed to {what} network '{network}' as autostarted"
+                    )),
+                    &network,
+                    e,
+                )
+            })?;
+            if disable {
+                println!("Network '{network}' unmarked as autostarted\n");
+            } else {
+                println!("Network '{network}' marked as autostarted\n");
+            }
+            Ok(())
+        }
+        Cmd::NetDhcpLeases { network, mac, json } => net_dhcp_leases(c, &network, mac, json),
         Cmd::Domiflist { domain, json } => {
             let ifs: Vec<NetInterface> = get(c, &domain, "/interfaces")?;
             if json {
@@ -611,4 +844,54 @@ fn man(dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join(format!("{name}.1")), buf)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    #[test]
+    fn net_list_matches_virsh_layout() {
+        let nets = vec![NetworkSummary {
+            name: "default".into(),
+            uuid: "u".into(),
+            active: true,
+            autostart: true,
+            persistent: true,
+            bridge: "rvirbr0".into(),
+        }];
+        let expected = " Name      State    Autostart   Persistent\n\
+                        --------------------------------------------\n \
+                        default   active   yes         yes\n";
+        assert_eq!(net_list_table(&nets), expected);
+    }
+
+    #[test]
+    fn leases_header_matches_virsh() {
+        let out = leases_table(&[NetDhcpLease {
+            iface: "rvirbr0".into(),
+            expirytime: 0,
+            kind: "ipv4".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ipaddr: "192.168.122.10".into(),
+            prefix: 24,
+            hostname: Some("vm1".into()),
+            clientid: None,
+        }]);
+        let mut lines = out.lines();
+        let head = lines.next().unwrap();
+        for col in [
+            "Expiry Time",
+            "MAC address",
+            "Protocol",
+            "IP address",
+            "Hostname",
+            "Client ID or DUID",
+        ] {
+            assert!(head.contains(col), "{head}");
+        }
+        assert!(lines.next().unwrap().chars().all(|c| c == '-'));
+        let row = lines.next().unwrap();
+        assert!(row.contains("192.168.122.10/24") && row.contains("vm1") && row.ends_with('-'));
+    }
 }

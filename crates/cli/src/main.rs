@@ -173,6 +173,63 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Interface addresses of a running domain, from its networks' DHCP leases.
+    Domifaddr {
+        domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Define (but do not start) a virtual network from a libvirt network XML file.
+    NetDefine { file: PathBuf },
+    /// Remove an inactive network's definition.
+    NetUndefine { network: String },
+    /// Start a defined network.
+    NetStart { network: String },
+    /// Stop a network (refused while guests are attached unless --force).
+    NetDestroy {
+        network: String,
+        /// Also delete the guest TAPs attached to it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List networks (active ones unless --all or --inactive).
+    NetList {
+        /// Include inactive networks.
+        #[arg(long)]
+        all: bool,
+        /// Only inactive networks.
+        #[arg(long)]
+        inactive: bool,
+        /// Print names only.
+        #[arg(long)]
+        name: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Network information.
+    NetInfo {
+        network: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Network XML.
+    NetDumpxml { network: String },
+    /// Start a network when rvirtd starts.
+    NetAutostart {
+        network: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// DHCP leases of a network.
+    NetDhcpLeases {
+        network: String,
+        /// Only the lease of this MAC address.
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show or set vCPU affinity.
     Vcpupin {
         domain: String,

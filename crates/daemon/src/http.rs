@@ -39,6 +39,7 @@ fn ok() -> R<Empty> {
 
 pub fn router(mgr: Arc<Manager>) -> Router {
     let d = "/v1/domains/{name}";
+    let n = "/v1/networks/{name}";
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/version", get(version))
@@ -59,6 +60,14 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route(&format!("{d}/vcpupin"), get(pins).post(vcpupin))
         .route(&format!("{d}/emulatorpin"), post(emulatorpin))
         .route(&format!("{d}/console"), get(console))
+        .route(&format!("{d}/ifaddr"), get(domifaddr))
+        .route("/v1/networks", get(net_list).post(net_define))
+        .route(n, get(net_info).delete(net_undefine))
+        .route(&format!("{n}/xml"), get(net_xml))
+        .route(&format!("{n}/start"), post(net_start))
+        .route(&format!("{n}/destroy"), post(net_destroy))
+        .route(&format!("{n}/autostart"), put(net_autostart))
+        .route(&format!("{n}/dhcp-leases"), get(net_leases))
         .with_state(mgr)
 }
 
@@ -284,6 +293,66 @@ async fn relay(
         }
         _ = cancel => {}
     }
+}
+
+async fn domifaddr(State(m): M, Path(name): Path<String>) -> R<Vec<IfAddr>> {
+    Ok(Json(m.domifaddr(&name).await?))
+}
+
+async fn net_list(State(m): M) -> R<Vec<NetworkSummary>> {
+    Ok(Json(m.net_list().await?))
+}
+
+async fn net_define(State(m): M, Json(req): Json<NetDefineRequest>) -> R<NetDefineResponse> {
+    Ok(Json(m.net_define(req.xml).await?))
+}
+
+async fn net_info(State(m): M, Path(name): Path<String>) -> R<NetworkSummary> {
+    Ok(Json(m.net_info(&name).await?))
+}
+
+async fn net_undefine(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.net_undefine(&name).await?;
+    ok()
+}
+
+async fn net_xml(State(m): M, Path(name): Path<String>) -> R<XmlBody> {
+    Ok(Json(XmlBody {
+        xml: m.net_xml(&name).await?,
+    }))
+}
+
+async fn net_start(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.net_start(&name).await?;
+    ok()
+}
+
+#[derive(Deserialize)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn net_destroy(
+    State(m): M,
+    Path(name): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> R<Empty> {
+    m.net_destroy(&name, q.force).await?;
+    ok()
+}
+
+async fn net_autostart(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(req): Json<AutostartRequest>,
+) -> R<Empty> {
+    m.net_set_autostart(&name, req.enable).await?;
+    ok()
+}
+
+async fn net_leases(State(m): M, Path(name): Path<String>) -> R<Vec<NetDhcpLease>> {
+    Ok(Json(m.net_dhcp_leases(&name).await?))
 }
 
 async fn openapi() -> Json<serde_json::Value> {

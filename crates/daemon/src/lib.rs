@@ -4,6 +4,7 @@
 //! - [`store`]: definitions on disk, atomically written
 //! - [`manager`]: the registry of domains and their states
 //! - [`lifecycle`]: start/stop/supervise rvirt-vmm processes; re-attach after a restart
+//! - [`networks`]: virtual networks (rvirt-net) behind the `/v1/networks` API
 //! - [`pinning`]: vcpupin, emulatorpin, vcpuinfo
 //! - [`http`], [`openapi`], [`server`]: the REST API on a unix socket
 
@@ -12,6 +13,7 @@ pub mod host;
 pub mod http;
 pub mod lifecycle;
 pub mod manager;
+pub mod networks;
 pub mod openapi;
 pub mod pinning;
 pub mod server;

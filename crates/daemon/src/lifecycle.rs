@@ -129,7 +129,7 @@ impl Manager {
         }
         let api = dir.join("api.sock");
         let serial = dir.join("serial.sock");
-        let taps = match crate::tap::create_taps(name, def) {
+        let taps = match crate::tap::create_taps(&self.net, name, def) {
             Ok(t) => t,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -137,7 +137,7 @@ impl Manager {
             }
         };
         let cleanup = |why: &str| {
-            crate::tap::delete_taps(&taps);
+            crate::tap::delete_taps(&self.net, name, &taps);
             let _ = std::fs::remove_dir_all(&dir);
             let mut st = slot.lock();
             st.state = DomainState::ShutOff;
@@ -307,7 +307,7 @@ impl Manager {
             if st.run.as_ref().map(|r| r.generation) != Some(run.generation) {
                 return;
             }
-            crate::tap::delete_taps(&run.taps);
+            crate::tap::delete_taps(&self.net, &run.name, &run.taps);
             let _ = std::fs::remove_dir_all(self.run_dir_of(&run.name));
             st.run = None;
             st.live = None;
@@ -529,7 +529,7 @@ impl Manager {
                     &run.name,
                     &format!("not re-attached after daemon restart: {e}"),
                 );
-                crate::tap::delete_taps(&run.taps);
+                crate::tap::delete_taps(&self.net, &run.name, &run.taps);
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }

@@ -96,6 +96,8 @@ pub struct Manager {
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
     next_id: AtomicU32,
     pub host_cpus: usize,
+    /// Virtual networks and domain TAPs (rvirt-net). Its calls block: see [`crate::networks`].
+    pub net: Arc<rvirt_net::NetworkManager>,
 }
 
 impl Manager {
@@ -104,6 +106,8 @@ impl Manager {
         let store = Store::open(&cfg.state_dir)?;
         std::fs::create_dir_all(&cfg.run_dir)
             .with_context(|| format!("cannot create run dir {}", cfg.run_dir.display()))?;
+        let net = rvirt_net::NetworkManager::open(&cfg.state_dir, &cfg.run_dir)
+            .context("cannot open the network state")?;
         let (stored, broken) = store.load_all()?;
         for b in broken {
             tracing::error!("skipping a stored definition: {b}; fix or remove the file");
@@ -148,6 +152,7 @@ impl Manager {
             slots: Mutex::new(slots),
             next_id: AtomicU32::new(1),
             host_cpus: crate::host::host_cpus(),
+            net: Arc::new(net),
         }))
     }
 

@@ -26,6 +26,16 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     ("post", "/v1/domains/{name}/vcpupin", "Pin one vCPU", Some("VcpuPinRequest"), "Empty"),
     ("post", "/v1/domains/{name}/emulatorpin", "Pin the emulator threads", Some("EmulatorPinRequest"), "Empty"),
     ("get", "/v1/domains/{name}/console", "Serial console: upgrade to a raw byte stream (Upgrade: rvirt-console); ?force=true ends another session", None, "Empty"),
+    ("get", "/v1/domains/{name}/ifaddr", "Interface addresses from DHCP leases (virsh domifaddr)", None, "IfAddrList"),
+    ("get", "/v1/networks", "List all networks (virsh net-list --all)", None, "NetworkSummaryList"),
+    ("post", "/v1/networks", "Define a network from libvirt network XML", Some("NetDefineRequest"), "NetDefineResponse"),
+    ("get", "/v1/networks/{name}", "Network information (virsh net-info)", None, "NetworkSummary"),
+    ("delete", "/v1/networks/{name}", "Undefine an inactive network", None, "Empty"),
+    ("get", "/v1/networks/{name}/xml", "Network XML (virsh net-dumpxml)", None, "XmlBody"),
+    ("post", "/v1/networks/{name}/start", "Start a network (bridge, dnsmasq, nftables)", None, "Empty"),
+    ("post", "/v1/networks/{name}/destroy", "Stop a network; refused while guest TAPs are attached unless ?force=true", None, "Empty"),
+    ("put", "/v1/networks/{name}/autostart", "Enable or disable network autostart", Some("AutostartRequest"), "Empty"),
+    ("get", "/v1/networks/{name}/dhcp-leases", "DHCP leases (virsh net-dhcp-leases)", None, "NetDhcpLeaseList"),
     ("get", "/v1/openapi.json", "This document", None, "Empty"),
 ];
 
@@ -59,6 +69,14 @@ fn schemas() -> Value {
         "PinInfo": s(&[("host_cpus", "integer"), ("vcpus", "array"), ("emulator", "string")]),
         "VcpuPinRequest": s(&[("vcpu", "integer"), ("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
         "EmulatorPinRequest": s(&[("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
+        "IfAddr": s(&[("name", "string"), ("mac", "string"), ("protocol", "string"), ("address", "string")]),
+        "IfAddrList": list("IfAddr"),
+        "NetworkSummary": s(&[("name", "string"), ("uuid", "string"), ("active", "boolean"), ("autostart", "boolean"), ("persistent", "boolean"), ("bridge", "string")]),
+        "NetworkSummaryList": list("NetworkSummary"),
+        "NetDefineRequest": s(&[("xml", "string")]),
+        "NetDefineResponse": s(&[("name", "string"), ("uuid", "string")]),
+        "NetDhcpLease": s(&[("iface", "string"), ("expirytime", "integer"), ("type", "string"), ("mac", "string"), ("ipaddr", "string"), ("prefix", "integer"), ("hostname", "string"), ("clientid", "string")]),
+        "NetDhcpLeaseList": list("NetDhcpLease"),
         "ErrorBody": s(&[("error", "string"), ("code", "string")]),
     })
 }
@@ -74,7 +92,12 @@ pub fn document() -> Value {
             }
         });
         if path.contains("{name}") {
-            op["parameters"] = json!([{"name": "name", "in": "path", "required": true, "description": "domain name, UUID or id", "schema": {"type": "string"}}]);
+            let what = if path.starts_with("/v1/networks") {
+                "network name"
+            } else {
+                "domain name, UUID or id"
+            };
+            op["parameters"] = json!([{"name": "name", "in": "path", "required": true, "description": what, "schema": {"type": "string"}}]);
         }
         if let Some(r) = req {
             op["requestBody"] = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}});

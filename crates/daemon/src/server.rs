@@ -47,6 +47,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // the same VMMs.
     let listener = bind(&opts.socket, opts.socket_mode)?;
     let mgr = Manager::new(opts.config.clone())?;
+    crate::networks::startup(&mgr.net).await;
     mgr.reattach().await;
     tracing::info!(
         "rvirtd listening on {} (state {}, run {}, vmm {})",

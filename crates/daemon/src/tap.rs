@@ -1,80 +1,44 @@
-//! Host side of guest NICs: a TAP `rvnet<N>` per interface, enslaved to the bridge the interface
-//! names (directly, or through the network's bridge), removed when the VM stops. Done with
-//! iproute2, as the rest of the host networking is.
+//! Host side of guest NICs, through rvirt-net: a TAP `rvnet<N>` per interface, made by
+//! [`NetworkManager::attach_interface`] (joined to the network's bridge or to a host bridge and
+//! marked as the domain's), removed with [`NetworkManager::detach_all`] when the VM stops,
+//! crashes or is not re-attached.
+//!
+//! These calls block briefly (netlink); rvirt-net makes them safe from async code.
 
 use crate::error::{ApiError, ApiResult};
 use crate::xml::domain::{DomainDef, InterfaceSource};
-use rvirt_api::rest::ErrorCode;
-use std::path::Path;
-use std::process::Command;
-
-/// The bridge of a libvirt-style network. Networks are managed outside the domain code; the
-/// NAT network `default` uses bridge `rvirbr0`.
-fn network_bridge(network: &str) -> ApiResult<String> {
-    match network {
-        "default" => Ok("rvirbr0".to_string()),
-        other => Err(ApiError::new(
-            ErrorCode::ConfigUnsupported,
-            format!("network '{other}' is not known to rvirtd (only 'default', bridge rvirbr0); use <interface type='bridge'> with an existing bridge"),
-        )),
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
+use rvirt_net::NetworkManager;
 
 /// Creates one TAP per interface; on failure removes those already made.
-pub fn create_taps(domain: &str, def: &DomainDef) -> ApiResult<Vec<String>> {
+pub fn create_taps(net: &NetworkManager, domain: &str, def: &DomainDef) -> ApiResult<Vec<String>> {
     let mut made: Vec<String> = Vec::new();
     for iface in &def.interfaces {
-        let bridge = match &iface.source {
-            InterfaceSource::Bridge(b) => b.clone(),
-            InterfaceSource::Network(n) => network_bridge(n).inspect_err(|_| delete_taps(&made))?,
+        let source = match &iface.source {
+            InterfaceSource::Bridge(b) => rvirt_net::InterfaceSource::Bridge(b.clone()),
+            InterfaceSource::Network(n) => rvirt_net::InterfaceSource::Network(n.clone()),
         };
-        if !Path::new("/sys/class/net")
-            .join(&bridge)
-            .join("bridge")
-            .exists()
-        {
-            delete_taps(&made);
-            return Err(ApiError::failed(format!(
-                "bridge '{bridge}' for an interface of domain '{domain}' does not exist; create it (or start its network) first"
-            )));
+        match net.attach_interface(domain, &source) {
+            Ok(t) => made.push(t.tap),
+            Err(e) => {
+                delete_taps(net, domain, &made);
+                return Err(ApiError::failed(format!(
+                    "cannot connect an interface of domain '{domain}': {e}"
+                )));
+            }
         }
-        let tap = (0..10_000)
-            .map(|n| format!("rvnet{n}"))
-            .find(|t| !Path::new("/sys/class/net").join(t).exists() && !made.contains(t))
-            .ok_or_else(|| ApiError::failed("no free rvnet<N> TAP name"))?;
-        let r = ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])
-            .and_then(|_| ip(&["link", "set", "dev", &tap, "master", &bridge]))
-            .and_then(|_| ip(&["link", "set", "dev", &tap, "up"]));
-        if let Err(e) = r {
-            made.push(tap);
-            delete_taps(&made);
-            return Err(ApiError::failed(format!(
-                "cannot create a TAP for domain '{domain}': {e}"
-            )));
-        }
-        made.push(tap);
     }
     Ok(made)
 }
 
-pub fn delete_taps(taps: &[String]) {
+/// Deletes the domain's TAPs: every one rvirt-net finds marked as the domain's, plus the names
+/// recorded (in case the marks are gone).
+pub fn delete_taps(net: &NetworkManager, domain: &str, taps: &[String]) {
+    if let Err(e) = net.detach_all(domain) {
+        tracing::warn!("domain {domain}: cannot remove its TAPs: {e}");
+    }
     for t in taps {
-        let _ = ip(&["link", "del", "dev", t]);
+        if let Err(e) = net.detach_interface(domain, t) {
+            tracing::warn!("domain {domain}: cannot remove TAP {t}: {e}");
+        }
     }
 }

@@ -52,6 +52,8 @@ fn twenty_domains_from_parallel_clients_leave_nothing_behind() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        // The networks' run directory (rvirt-net) stays; no network was started here.
+        .filter(|p| !(p.ends_with("networks") && std::fs::read_dir(p).unwrap().next().is_none()))
         .collect();
     assert!(leftovers.is_empty(), "run files left: {leftovers:?}");
     assert!(

@@ -151,6 +151,11 @@ fn killed_vmm_is_crashed_and_logged() {
         "{}",
         d.domain_log("k1")
     );
+    // The daemon's log line is written just after the state changes: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !d.daemon_log().contains("WARN") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         d.daemon_log().contains("WARN"),
         "crash logged by the daemon"
