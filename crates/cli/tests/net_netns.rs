@@ -1,0 +1,330 @@
+//! `rvirt net-*` against a real `rvirtd` that runs inside a network namespace this test creates
+//! (`ip netns exec`), so bridges, nftables and dnsmasq live there and the machine's own
+//! namespace is never touched. A domain on the network (fake VMM) gets a TAP on the bridge that
+//! goes away when it stops. Skips with a reason without root, iproute2, nft, dnsmasq or
+//! namespaces, or when rvirtd is not built next to rvirt.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn sibling(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_BIN_EXE_rvirt")).with_file_name(name);
+    p.exists().then_some(p)
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root for network namespaces".into());
+    }
+    for tool in ["ip", "nft", "dnsmasq"] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (scripts/install-deps installs it)"
+            ));
+        }
+    }
+    if sibling("rvirtd").is_none() || sibling("rvirt-fake-vmm").is_none() {
+        return Some("rvirtd and rvirt-fake-vmm are not built next to rvirt".into());
+    }
+    let probe = format!("rvct-probe-{}", std::process::id());
+    if !sh(&["ip", "netns", "add", &probe]).status.success() {
+        return Some("cannot create network namespaces".into());
+    }
+    let _ = sh(&["ip", "netns", "del", &probe]);
+    None
+}
+
+/// The namespace, the daemon in it and its files; dropping it kills everything in the
+/// namespace and deletes it, also when the test fails.
+struct Env {
+    ns: String,
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+}
+
+impl Env {
+    fn start() -> Env {
+        let ns = format!("rvct-{}", std::process::id());
+        let _ = sh(&["ip", "netns", "del", &ns]);
+        assert!(
+            sh(&["ip", "netns", "add", &ns]).status.success(),
+            "ip netns add {ns}"
+        );
+        let mut env = Env {
+            ns,
+            dir: tempfile::tempdir().unwrap(),
+            daemon: None,
+        };
+        env.ip(&["link", "set", "lo", "up"]);
+        // A host route the overlap check must see.
+        env.ip(&[
+            "link", "add", "used0", "type", "veth", "peer", "name", "used0p",
+        ]);
+        env.ip(&["addr", "add", "10.77.0.1/16", "dev", "used0"]);
+        env.ip(&["link", "set", "used0", "up"]);
+        std::fs::write(env.dir.path().join("vmlinux"), b"fake").unwrap();
+        std::fs::write(env.dir.path().join("disk.img"), vec![0u8; 4096]).unwrap();
+        let sock = env.dir.path().join("sock");
+        let log = std::fs::File::create(env.dir.path().join("rvirtd.log")).unwrap();
+        let daemon = Command::new("ip")
+            .args(["netns", "exec", &env.ns])
+            .arg(sibling("rvirtd").unwrap())
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--state-dir")
+            .arg(env.dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(env.dir.path().join("run"))
+            .arg("--vmm-binary")
+            .arg(sibling("rvirt-fake-vmm").unwrap())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        env.daemon = Some(daemon);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rvirtd did not start: {}",
+                env.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        env
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rvirtd.log")).unwrap_or_default()
+    }
+
+    /// `ip -n <ns> ...`, which must succeed.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.ns];
+        full.extend_from_slice(args);
+        let o = sh(&full);
+        assert!(
+            o.status.success(),
+            "{full:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        sh(&["ip", "-n", &self.ns, "link", "show", "dev", name])
+            .status
+            .success()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rvirt"))
+            .arg("-c")
+            .arg(self.dir.path().join("sock"))
+            .env_remove("RVIRT_SOCKET")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "rvirt {args:?}: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn err(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(1), "rvirt {args:?} should fail");
+        String::from_utf8(o.stderr).unwrap()
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.run(&["destroy", "vm1"]);
+        let _ = self.run(&["net-destroy", "--force", "t1"]);
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let pids = String::from_utf8_lossy(&sh(&["ip", "netns", "pids", &self.ns]).stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .collect::<Vec<_>>();
+        for pid in pids {
+            // SAFETY: kill(2) on a process living in the namespace this test created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}
+
+fn net_xml(name: &str, bridge: &str, subnet3: &str) -> String {
+    format!(
+        "<network>\n  <name>{name}</name>\n  <forward mode='nat'/>\n  <bridge name='{bridge}'/>\n  \
+         <ip address='{subnet3}.1' netmask='255.255.255.0'>\n    <dhcp>\n      \
+         <range start='{subnet3}.10' end='{subnet3}.50'/>\n    </dhcp>\n  </ip>\n</network>\n"
+    )
+}
+
+#[test]
+fn networks_through_the_cli_in_a_namespace() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let e = Env::start();
+
+    // The default network is defined on the first start, not started.
+    let list = e.ok(&["net-list", "--all"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(
+        lines[0], " Name      State      Autostart   Persistent",
+        "{list}"
+    );
+    assert!(
+        lines[1].chars().all(|c| c == '-') && lines[1].len() == 46,
+        "{list}"
+    );
+    assert!(
+        lines[2].starts_with(" default   inactive   no          yes"),
+        "{list}"
+    );
+    assert_eq!(
+        e.ok(&["net-list"]).lines().count(),
+        3,
+        "only header, rule, blank"
+    );
+
+    // Define, start, inspect.
+    let f = e.file("t1.xml", &net_xml("t1", "rvt1br", "10.99.1"));
+    assert_eq!(
+        e.ok(&["net-define", &f]),
+        format!("Network 't1' defined from {f}\n\n")
+    );
+    assert_eq!(e.ok(&["net-start", "t1"]), "Network 't1' started\n\n");
+    assert!(e.has_link("rvt1br"), "bridge created in the namespace");
+    assert!(e
+        .ip(&["-4", "addr", "show", "dev", "rvt1br"])
+        .contains("10.99.1.1/24"));
+    let list = e.ok(&["net-list"]);
+    assert!(
+        list.lines()
+            .any(|l| l == " t1     active   no          yes"),
+        "{list}"
+    );
+    let info = e.ok(&["net-info", "t1"]);
+    assert!(
+        info.starts_with("Name:           t1\nUUID:           "),
+        "{info}"
+    );
+    assert!(info.contains("\nActive:         yes\n"), "{info}");
+    assert!(info.contains("\nBridge:         rvt1br\n"), "{info}");
+    let xml = e.ok(&["net-dumpxml", "t1"]);
+    assert!(
+        xml.contains("<name>t1</name>") && xml.contains("<uuid>"),
+        "{xml}"
+    );
+    assert_eq!(
+        e.ok(&["net-autostart", "t1"]),
+        "Network 't1' marked as autostarted\n\n"
+    );
+    assert!(e
+        .ok(&["net-list"])
+        .contains(" t1     active   yes         yes"));
+    assert_eq!(
+        e.ok(&["net-autostart", "--disable", "t1"]),
+        "Network 't1' unmarked as autostarted\n\n"
+    );
+    let leases = e.ok(&["net-dhcp-leases", "t1"]);
+    assert!(
+        leases.starts_with(
+            " Expiry Time   MAC address   Protocol   IP address   Hostname   Client ID or DUID\n"
+        ),
+        "{leases}"
+    );
+
+    // A domain on the network: a TAP on the bridge while it runs, gone when it stops.
+    let dom = e.file(
+        "vm1.xml",
+        &format!(
+            "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type>hvm</type><kernel>{k}</kernel></os><devices><disk type='file'>\
+             <source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
+             <interface type='network'><source network='t1'/></interface></devices></domain>",
+            k = e.dir.path().join("vmlinux").display(),
+            d = e.dir.path().join("disk.img").display()
+        ),
+    );
+    e.ok(&["define", &dom]);
+    e.ok(&["start", "vm1"]);
+    let tap = e.ip(&["link", "show", "master", "rvt1br"]);
+    assert!(tap.contains("rvnet0"), "TAP on the bridge: {tap}");
+    let iflist = e.ok(&["domiflist", "vm1"]);
+    assert!(iflist.contains("rvnet0"), "{iflist}");
+    let addr = e.ok(&["domifaddr", "vm1"]);
+    assert!(addr.starts_with(" Name "), "{addr}");
+    let refused = e.err(&["net-destroy", "t1"]);
+    assert!(
+        refused.contains("guest interface(s) attached (rvnet0)"),
+        "{refused}"
+    );
+    e.ok(&["destroy", "vm1"]);
+    assert!(!e.has_link("rvnet0"), "TAP removed when the domain stops");
+
+    // Bad input: overlaps, nothing half-created.
+    let o = e.file("o.xml", &net_xml("o", "rvobr", "10.77.3"));
+    let msg = e.err(&["net-define", &o]);
+    assert!(
+        msg.contains("overlaps the host route 10.77.0.0/16"),
+        "{msg}"
+    );
+    let o2 = e.file("o2.xml", &net_xml("o2", "rvo2br", "10.99.1"));
+    let msg = e.err(&["net-define", &o2]);
+    assert!(msg.contains("overlaps") && msg.contains("t1"), "{msg}");
+    let all = e.ok(&["net-list", "--all"]);
+    assert!(!all.contains(" o ") && !all.contains(" o2 "), "{all}");
+    assert!(!e.dir.path().join("state/networks/o.xml").exists());
+    assert!(!e.has_link("rvobr") && !e.has_link("rvo2br"));
+    let msg = e.err(&["net-start", "nope"]);
+    assert!(
+        msg.starts_with("error: failed to get network 'nope'\n"),
+        "{msg}"
+    );
+
+    // Stop and remove.
+    assert_eq!(e.ok(&["net-destroy", "t1"]), "Network 't1' destroyed\n\n");
+    assert!(!e.has_link("rvt1br"), "bridge removed");
+    assert_eq!(
+        e.ok(&["net-undefine", "t1"]),
+        "Network 't1' has been undefined\n\n"
+    );
+    assert!(!e.ok(&["net-list", "--all"]).contains(" t1 "));
+}
