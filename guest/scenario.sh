@@ -42,6 +42,19 @@ make_disk() {
     printf '%s' "$3" | dd of="$1" conv=notrunc 2>/dev/null
 }
 
+# initrd_with_test SCRIPT OUT — OUT is the guest initramfs plus SCRIPT as /etc/rvirt/test.sh, which
+# the guest's /init sources after its checks (pass/fail/arg available there). Prints OUT.
+initrd_with_test() {
+  d=$(mktemp -d)
+  mkdir -p "$d/etc/rvirt"
+  cp "$1" "$d/etc/rvirt/test.sh"
+  (cd "$d" && find etc | cpio -o -H newc 2>/dev/null) >"$d.cpio" &&
+    cat "$GUEST_INITRD" "$d.cpio" >"$2"
+  rc=$?
+  rm -rf "$d" "$d.cpio"
+  [ $rc = 0 ] && echo "$2"
+}
+
 # check_disk NAME PATH TOKEN — the test host reads back what the guest wrote.
 check_disk() {
   want="RVIRT-BLK-OUT:$3"
