@@ -2,7 +2,7 @@
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 {
-        eprintln!("usage: write-guest serial_hello|i8042_reboot|acpi_reset|triple_fault|pci_probe|idle|power_button|pvh_info|serial_echo|elf64_hello|bzimage_hello OUT");
+        eprintln!("usage: write-guest serial_hello|i8042_reboot|acpi_reset|triple_fault|pci_probe|idle|power_button|pvh_info|serial_echo|elf64_hello|bzimage_hello|virtio_blk_rw OUT");
         std::process::exit(2);
     }
     let img = match args[1].as_str() {
@@ -17,6 +17,8 @@ fn main() {
         "serial_echo" => rvirt_testkit::serial_echo(),
         "elf64_hello" => rvirt_testkit::elf64_hello(),
         "bzimage_hello" => rvirt_testkit::bzimage_hello(),
+        // Expects sector 0 all zero (a fresh raw file), writes sector 1.
+        "virtio_blk_rw" => rvirt_testkit::virtio_blk_rw(&[0; 512], 1),
         other => {
             eprintln!("unknown guest {other}");
             std::process::exit(2);

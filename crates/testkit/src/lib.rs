@@ -467,6 +467,388 @@ pub fn serial_echo() -> Result<GuestImage, Error> {
     GuestImage::from_bytes(&pvh_elf(&code))
 }
 
+/// Guest-physical layout of [`virtio_blk_rw`]'s driver state (all in the first 64 MiB).
+pub mod blk_layout {
+    /// Descriptor table (16 entries).
+    pub const DESC: u32 = 0x20_0000;
+    /// Available (driver) ring.
+    pub const AVAIL: u32 = 0x20_1000;
+    /// Used (device) ring.
+    pub const USED: u32 = 0x20_2000;
+    /// Three 16-byte request headers: read, write, get-id.
+    pub const HDR: u32 = 0x20_3000;
+    /// Buffer the READ of sector 0 lands in.
+    pub const RBUF: u32 = 0x20_4000;
+    /// The sector the guest writes.
+    pub const WBUF: u32 = 0x20_5000;
+    /// The GET_ID answer (20 bytes).
+    pub const IDBUF: u32 = 0x20_6000;
+    /// Status bytes of the three requests, then a guard byte 0xEE.
+    pub const STATUS: u32 = 0x20_7000;
+    /// Driver variables: common cfg address, notify base, notify multiplier, queue 0 notify.
+    pub const VARS: u32 = 0x20_8000;
+    /// Where the driver moves BAR 0 (the start of the VMM's 32-bit PCI window).
+    pub const BAR0_32: u32 = 0xc000_0000;
+    /// Queue size the driver programs.
+    pub const QUEUE_SIZE: u16 = 16;
+}
+
+/// The 512 bytes [`virtio_blk_rw`] writes: dword `i` is `0xA5A5_A5A5 + i * 0x0101_0101`
+/// (wrapping), computed by the guest.
+pub fn blk_guest_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let mut v = 0xA5A5_A5A5u32;
+    for c in s.chunks_exact_mut(4) {
+        c.copy_from_slice(&v.to_le_bytes());
+        v = v.wrapping_add(0x0101_0101);
+    }
+    s
+}
+
+/// A virtio 1.x driver in a few hundred instructions. It finds the first virtio-blk PCI
+/// function (1af4:1042) on bus 0 through 0xCF8/0xCFC, moves its 64-bit BAR 0 to
+/// [`blk_layout::BAR0_32`] (the VMM assigns it above 4 GiB, beyond this unpaged 32-bit code),
+/// enables memory decoding and bus mastering, walks the capability list for the
+/// common and notify structures, then: reset, ACKNOWLEDGE, DRIVER, VERSION_1 (only),
+/// FEATURES_OK (checked), queue 0 of size 16 with its three ring addresses, queue enable,
+/// DRIVER_OK (checked, no NEEDS_RESET). It submits three chains in one notify — READ of sector
+/// 0, WRITE of [`blk_guest_sector`] to `write_sector`, GET_ID — and polls the used ring
+/// (bounded). It prints:
+///
+/// ```text
+/// virtio-blk slot SSSSSSSS
+/// used IIIIIIII id len id len id len        (used idx, then each used element, hex)
+/// status EE0000..                            (the three status bytes, little-endian + guard)
+/// read ok | read mismatch                    (sector 0 against `sector0`)
+/// id <GET_ID string>
+/// reset ok
+/// ```
+///
+/// and powers off. Any failed step prints `FAIL <step>` and powers off.
+pub fn virtio_blk_rw(sector0: &[u8; 512], write_sector: u32) -> Result<GuestImage, Error> {
+    use blk_layout::*;
+    let bar32 = BAR0_32;
+    let code = assemble(|a, d| {
+        let digits = d.str("0123456789abcdef");
+        let expected = d.add(sector0);
+        let m_slot = d.str("virtio-blk slot ");
+        let m_used = d.str("used ");
+        let m_status = d.str("status ");
+        let m_ok = d.str("read ok\n");
+        let m_bad = d.str("read mismatch\n");
+        let m_id = d.str("id ");
+        let m_reset = d.str("reset ok\n");
+        let m_space = d.str(" ");
+        let nl = d.str("\n");
+        let f_nodev = d.str("FAIL no virtio-blk function\n");
+        let f_bar = d.str("FAIL BAR 0 is not 64-bit memory or did not move\n");
+        let f_caps = d.str("FAIL common/notify capability missing\n");
+        let f_reset = d.str("FAIL status not 0 after reset\n");
+        let f_v1 = d.str("FAIL VERSION_1 not offered\n");
+        let f_fok = d.str("FAIL FEATURES_OK refused\n");
+        let f_qsize = d.str("FAIL queue 0 too small\n");
+        let f_dok = d.str("FAIL DRIVER_OK refused or NEEDS_RESET\n");
+        let f_timeout = d.str("FAIL no completion in the used ring\n");
+        let f_reset2 = d.str("FAIL status not 0 after final reset\n");
+
+        let v_common = VARS;
+        let v_notify = VARS + 4;
+        let v_mult = VARS + 8;
+        let v_qnotify = VARS + 12;
+        let v_bar = VARS + 16;
+
+        let mut cfg_rd = a.create_label();
+        let mut cfg_wr = a.create_label();
+        let mut fail = a.create_label();
+        let mut scan = a.create_label();
+        let mut found = a.create_label();
+        let mut cap_loop = a.create_label();
+        let mut cap_next = a.create_label();
+        let mut not_common = a.create_label();
+        let mut caps_done = a.create_label();
+        let mut poll = a.create_label();
+        let mut completed = a.create_label();
+        let mut mismatch = a.create_label();
+        let mut compared = a.create_label();
+        let mut fill = a.create_label();
+
+        // Find 1af4:1042 in slots 1..=31 (EBP = config address of the function).
+        a.mov(ebp, 0x8000_0800u32)?;
+        a.mov(edi, 31u32)?;
+        a.set_label(&mut scan)?;
+        a.xor(ebx, ebx)?;
+        a.call(cfg_rd)?;
+        a.cmp(eax, 0x1042_1af4u32)?;
+        a.je(found)?;
+        a.add(ebp, 0x800u32)?;
+        a.dec(edi)?;
+        a.jnz(scan)?;
+        a.mov(esi, f_nodev)?;
+        a.jmp(fail)?;
+        a.set_label(&mut found)?;
+        print(a, m_slot)?;
+        a.mov(eax, ebp)?;
+        a.shr(eax, 11u32)?;
+        a.and(eax, 0x1fu32)?;
+        print_hex(a, digits)?;
+        print(a, nl)?;
+        // BAR 0 must be 64-bit memory. The VMM puts it above 4 GiB, out of reach of this
+        // unpaged 32-bit code, so move it (memory decoding off meanwhile) to `bar32` as
+        // firmware would, and check the move reads back.
+        a.mov(esi, f_bar)?;
+        a.mov(ebx, 0x10u32)?;
+        a.call(cfg_rd)?;
+        a.and(eax, 7u32)?;
+        a.cmp(eax, 4u32)?;
+        a.jne(fail)?;
+        a.mov(ebx, 4u32)?;
+        a.call(cfg_rd)?;
+        a.and(eax, 0xfff9u32)?;
+        a.mov(ecx, eax)?;
+        a.mov(ebx, 4u32)?;
+        a.call(cfg_wr)?;
+        a.mov(ecx, bar32)?;
+        a.mov(ebx, 0x10u32)?;
+        a.call(cfg_wr)?;
+        a.xor(ecx, ecx)?;
+        a.mov(ebx, 0x14u32)?;
+        a.call(cfg_wr)?;
+        a.mov(ebx, 0x10u32)?;
+        a.call(cfg_rd)?;
+        a.and(eax, 0xffff_fff0u32)?;
+        a.cmp(eax, bar32)?;
+        a.jne(fail)?;
+        a.mov(dword_ptr(v_bar), eax)?;
+        a.mov(ebx, 0x14u32)?;
+        a.call(cfg_rd)?;
+        a.test(eax, eax)?;
+        a.jnz(fail)?;
+        // Command: memory space + bus master on.
+        a.mov(ebx, 4u32)?;
+        a.call(cfg_rd)?;
+        a.and(eax, 0xffffu32)?;
+        a.or(eax, 6u32)?;
+        a.mov(ecx, eax)?;
+        a.mov(ebx, 4u32)?;
+        a.call(cfg_wr)?;
+        // Capabilities: vendor-specific (9) ones of type 1 (common) and 2 (notify).
+        a.mov(ebx, 0x34u32)?;
+        a.call(cfg_rd)?;
+        a.and(eax, 0xfcu32)?;
+        a.mov(edi, eax)?;
+        a.set_label(&mut cap_loop)?;
+        a.test(edi, edi)?;
+        a.jz(caps_done)?;
+        a.mov(ebx, edi)?;
+        a.call(cfg_rd)?;
+        a.mov(esi, eax)?;
+        a.cmp(al, 9u32)?;
+        a.jne(cap_next)?;
+        a.shr(eax, 24u32)?;
+        a.cmp(eax, 1u32)?;
+        a.jne(not_common)?;
+        a.lea(ebx, ptr(edi + 8))?;
+        a.call(cfg_rd)?;
+        a.add(eax, dword_ptr(v_bar))?;
+        a.mov(dword_ptr(v_common), eax)?;
+        a.jmp(cap_next)?;
+        a.set_label(&mut not_common)?;
+        a.cmp(eax, 2u32)?;
+        a.jne(cap_next)?;
+        a.lea(ebx, ptr(edi + 8))?;
+        a.call(cfg_rd)?;
+        a.add(eax, dword_ptr(v_bar))?;
+        a.mov(dword_ptr(v_notify), eax)?;
+        a.lea(ebx, ptr(edi + 16))?;
+        a.call(cfg_rd)?;
+        a.mov(dword_ptr(v_mult), eax)?;
+        a.set_label(&mut cap_next)?;
+        a.mov(eax, esi)?;
+        a.shr(eax, 8u32)?;
+        a.and(eax, 0xfcu32)?;
+        a.mov(edi, eax)?;
+        a.jmp(cap_loop)?;
+        a.set_label(&mut caps_done)?;
+        a.mov(esi, f_caps)?;
+        a.cmp(dword_ptr(v_common), 0u32)?;
+        a.je(fail)?;
+        a.cmp(dword_ptr(v_notify), 0u32)?;
+        a.je(fail)?;
+
+        // Device initialisation (virtio 1.2, 3.1.1). EDI = common configuration.
+        a.mov(edi, dword_ptr(v_common))?;
+        a.mov(byte_ptr(edi + 0x14), 0u32)?;
+        a.mov(esi, f_reset)?;
+        a.mov(al, byte_ptr(edi + 0x14))?;
+        a.test(al, al)?;
+        a.jnz(fail)?;
+        a.mov(byte_ptr(edi + 0x14), 1u32)?; // ACKNOWLEDGE
+        a.mov(byte_ptr(edi + 0x14), 3u32)?; // DRIVER
+        a.mov(dword_ptr(edi), 1u32)?; // device_feature_select = 1
+        a.mov(esi, f_v1)?;
+        a.test(dword_ptr(edi + 4), 1u32)?; // VERSION_1 is bit 32
+        a.jz(fail)?;
+        a.mov(dword_ptr(edi + 8), 0u32)?;
+        a.mov(dword_ptr(edi + 0xc), 0u32)?;
+        a.mov(dword_ptr(edi + 8), 1u32)?;
+        a.mov(dword_ptr(edi + 0xc), 1u32)?;
+        a.mov(byte_ptr(edi + 0x14), 0xbu32)?; // FEATURES_OK
+        a.mov(esi, f_fok)?;
+        a.mov(al, byte_ptr(edi + 0x14))?;
+        a.test(al, 8u32)?;
+        a.jz(fail)?;
+        a.mov(word_ptr(edi + 0x16), 0u32)?; // queue_select
+        a.mov(esi, f_qsize)?;
+        a.movzx(eax, word_ptr(edi + 0x18))?;
+        a.cmp(eax, u32::from(QUEUE_SIZE))?;
+        a.jb(fail)?;
+        a.mov(word_ptr(edi + 0x18), u32::from(QUEUE_SIZE))?;
+        for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            a.mov(dword_ptr(edi + off), addr)?;
+            a.mov(dword_ptr(edi + off + 4), 0u32)?;
+        }
+        a.movzx(eax, word_ptr(edi + 0x1e))?;
+        a.imul_2(eax, dword_ptr(v_mult))?;
+        a.add(eax, dword_ptr(v_notify))?;
+        a.mov(dword_ptr(v_qnotify), eax)?;
+        a.mov(word_ptr(edi + 0x1c), 1u32)?; // queue_enable
+
+        // Requests: headers, the guest-made sector, descriptors, status bytes.
+        a.mov(dword_ptr(HDR), 0u32)?; // VIRTIO_BLK_T_IN, sector 0
+        a.mov(dword_ptr(HDR + 8), 0u32)?;
+        a.mov(dword_ptr(HDR + 16), 1u32)?; // VIRTIO_BLK_T_OUT
+        a.mov(dword_ptr(HDR + 24), write_sector)?;
+        a.mov(dword_ptr(HDR + 32), 8u32)?; // VIRTIO_BLK_T_GET_ID
+        a.mov(dword_ptr(HDR + 40), 0u32)?;
+        a.mov(dword_ptr(STATUS), 0xeeff_ffffu32)?;
+        a.mov(edx, WBUF)?;
+        a.mov(eax, 0xa5a5_a5a5u32)?;
+        a.mov(ecx, 128u32)?;
+        a.set_label(&mut fill)?;
+        a.mov(dword_ptr(edx), eax)?;
+        a.add(edx, 4u32)?;
+        a.add(eax, 0x0101_0101u32)?;
+        a.dec(ecx)?;
+        a.jnz(fill)?;
+        const NEXT: u32 = 1;
+        const WRITE: u32 = 2;
+        let descs: [(u32, u32, u32); 9] = [
+            (HDR, 16, NEXT),
+            (RBUF, 512, NEXT | WRITE),
+            (STATUS, 1, WRITE),
+            (HDR + 16, 16, NEXT),
+            (WBUF, 512, NEXT),
+            (STATUS + 1, 1, WRITE),
+            (HDR + 32, 16, NEXT),
+            (IDBUF, 20, NEXT | WRITE),
+            (STATUS + 2, 1, WRITE),
+        ];
+        for (i, (addr, len, flags)) in descs.into_iter().enumerate() {
+            let at = DESC + 16 * i as u32;
+            let next = if flags & NEXT != 0 { i as u32 + 1 } else { 0 };
+            a.mov(dword_ptr(at), addr)?;
+            a.mov(dword_ptr(at + 4), 0u32)?;
+            a.mov(dword_ptr(at + 8), len)?;
+            a.mov(dword_ptr(at + 12), flags | (next << 16))?;
+        }
+        // Available ring: no interrupts wanted, heads 0, 3, 6, then idx = 3.
+        a.mov(word_ptr(AVAIL), 1u32)?;
+        a.mov(word_ptr(AVAIL + 4), 0u32)?;
+        a.mov(word_ptr(AVAIL + 6), 3u32)?;
+        a.mov(word_ptr(AVAIL + 8), 6u32)?;
+        a.mov(word_ptr(AVAIL + 2), 3u32)?;
+
+        a.mov(byte_ptr(edi + 0x14), 0xfu32)?; // DRIVER_OK
+        a.mov(esi, f_dok)?;
+        a.mov(al, byte_ptr(edi + 0x14))?;
+        a.test(al, 0x40u32)?;
+        a.jnz(fail)?;
+        a.test(al, 4u32)?;
+        a.jz(fail)?;
+
+        // Notify queue 0 and poll the used ring (bounded).
+        a.mov(eax, dword_ptr(v_qnotify))?;
+        a.mov(word_ptr(eax), 0u32)?;
+        a.mov(ecx, 3_000_000u32)?;
+        a.set_label(&mut poll)?;
+        a.pause()?;
+        a.cmp(word_ptr(USED + 2), 3u32)?;
+        a.jae(completed)?;
+        a.dec(ecx)?;
+        a.jnz(poll)?;
+        a.mov(esi, f_timeout)?;
+        a.jmp(fail)?;
+        a.set_label(&mut completed)?;
+
+        // Report.
+        print(a, m_used)?;
+        a.movzx(eax, word_ptr(USED + 2))?;
+        print_hex(a, digits)?;
+        for i in 0..3u32 {
+            for off in [4, 8] {
+                print(a, m_space)?;
+                a.mov(eax, dword_ptr(USED + 8 * i + off))?;
+                print_hex(a, digits)?;
+            }
+        }
+        print(a, nl)?;
+        print(a, m_status)?;
+        a.mov(eax, dword_ptr(STATUS))?;
+        print_hex(a, digits)?;
+        print(a, nl)?;
+        a.cld()?;
+        a.mov(esi, RBUF)?;
+        a.mov(edi, expected)?;
+        a.mov(ecx, 128u32)?;
+        a.repe().cmpsd()?;
+        a.jne(mismatch)?;
+        print(a, m_ok)?;
+        a.jmp(compared)?;
+        a.set_label(&mut mismatch)?;
+        print(a, m_bad)?;
+        a.set_label(&mut compared)?;
+        print(a, m_id)?;
+        a.mov(esi, IDBUF)?;
+        print_at_esi(a)?;
+        print(a, nl)?;
+        // Reset: the device must stop and read back status 0.
+        a.mov(edi, dword_ptr(v_common))?;
+        a.mov(byte_ptr(edi + 0x14), 0u32)?;
+        a.mov(esi, f_reset2)?;
+        a.mov(al, byte_ptr(edi + 0x14))?;
+        a.test(al, al)?;
+        a.jnz(fail)?;
+        print(a, m_reset)?;
+        poweroff(a)?;
+
+        a.set_label(&mut fail)?;
+        print_at_esi(a)?;
+        poweroff(a)?;
+
+        // EAX = config dword at register EBX of function EBP (clobbers edx).
+        a.set_label(&mut cfg_rd)?;
+        a.mov(eax, ebp)?;
+        a.or(eax, ebx)?;
+        a.and(eax, 0xffff_fffcu32)?;
+        a.mov(dx, 0xcf8u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcfcu32)?;
+        a.in_(eax, dx)?;
+        a.ret()?;
+        // Config dword at register EBX of function EBP = ECX (clobbers eax, edx).
+        a.set_label(&mut cfg_wr)?;
+        a.mov(eax, ebp)?;
+        a.or(eax, ebx)?;
+        a.mov(dx, 0xcf8u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcfcu32)?;
+        a.mov(eax, ecx)?;
+        a.out(dx, eax)?;
+        a.ret()
+    })?;
+    GuestImage::from_bytes(&pvh_elf(&code))
+}
+
 /// True if /dev/kvm can be opened read-write; otherwise the reason to print when skipping.
 pub fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()
@@ -506,6 +888,7 @@ mod tests {
             serial_echo(),
             elf64_hello(),
             bzimage_hello(),
+            virtio_blk_rw(&[7; 512], 3),
         ] {
             let img = img.unwrap();
             assert!(std::fs::metadata(img.path()).unwrap().len() > 150);
