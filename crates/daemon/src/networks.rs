@@ -100,9 +100,46 @@ impl Manager {
         })
     }
 
+    /// net-undefine, refused while a defined domain (persistent definition or running
+    /// configuration) has an interface on the network: the domain could no longer start.
     pub async fn net_undefine(&self, name: &str) -> ApiResult<()> {
+        let users = self.domains_using_network(name);
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::OperationInvalid,
+                format!(
+                    "network '{name}' is used by domain(s) {}; remove their <interface type='network'> \
+                     on it (edit and define them again) or undefine them first",
+                    users
+                        .iter()
+                        .map(|d| format!("'{d}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
         let name = name.to_string();
         blocking(&self.net, move |n| n.undefine(&name)).await
+    }
+
+    /// Names of the domains whose definition (or running configuration) has an interface on
+    /// network `net`, sorted.
+    pub fn domains_using_network(&self, net: &str) -> Vec<String> {
+        use crate::xml::domain::InterfaceSource;
+        let mut out = Vec::new();
+        for (name, slot) in self.all_slots() {
+            let st = slot.lock();
+            let uses = |d: &crate::xml::domain::DomainDef| {
+                d.interfaces
+                    .iter()
+                    .any(|i| matches!(&i.source, InterfaceSource::Network(n) if n == net))
+            };
+            if uses(&st.config.def) || st.live.as_ref().is_some_and(|l| uses(&l.def)) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        out
     }
 
     pub async fn net_start(&self, name: &str) -> ApiResult<()> {

@@ -741,3 +741,87 @@ fn manager_works_when_called_from_async_code() {
     });
     assert!(ns.pids(&host).is_empty());
 }
+
+/// An rvirtd restart is a new `NetworkManager` over the same directories: the running network,
+/// its dnsmasq process (same pid, still serving DHCP) and its TAPs are kept; only a network
+/// whose bridge vanished is cleaned up by `reconcile` (dnsmasq stopped, rules removed).
+#[test]
+fn restart_keeps_running_networks_and_their_dnsmasq() {
+    skip_if_unsupported!();
+    let ns = Netns::new("rst", &["host", "g1"]);
+    let d = dirs();
+    let script = write_script(&d);
+    let host = ns.name("host").to_owned();
+    let (state, run) = (d.state.clone(), d.run.clone());
+    let tap = in_netns(&host, move || {
+        let m = manager_at(&state, &run);
+        m.define(NAT_XML).unwrap();
+        m.start("natnet").unwrap();
+        m.attach_interface("vm1", &InterfaceSource::Network("natnet".into()))
+            .unwrap()
+            .tap
+        // The manager is dropped here, as when rvirtd stops.
+    });
+    let pid_file = d.run.join("networks/natnet.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let (state, run) = (d.state.clone(), d.run.clone());
+    let tap2 = tap.clone();
+    in_netns(&host, move || {
+        let m = manager_at(&state, &run);
+        assert_eq!(m.reconcile().unwrap(), Vec::<String>::new());
+        m.ensure_default().unwrap();
+        assert!(m.autostart_all().is_empty());
+        assert!(m.is_active("natnet"), "natnet still active after a restart");
+        let info = m.list().unwrap();
+        assert!(
+            info.iter().any(|n| n.name == "natnet" && n.active),
+            "{info:?}"
+        );
+        let e = m.start("natnet").unwrap_err();
+        assert!(matches!(e, NetError::AlreadyActive(_)), "{e}");
+        let found = m.interfaces_of("vm1").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].tap, tap2);
+        let e = m.destroy("natnet", false).unwrap_err();
+        assert!(
+            e.to_string().contains("attached") && e.to_string().contains(&tap2),
+            "{e}"
+        );
+    });
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string(),
+        "same dnsmasq after the restart"
+    );
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "dnsmasq {pid} still runs"
+    );
+    // The kept dnsmasq still serves: a guest gets a lease after the restart.
+    let ip = dhcp_guest(&ns, "g1", "rvtnat0", &script);
+    assert!(ip.starts_with("10.123.0."), "{ip}");
+
+    // The bridge vanishes behind rvirt's back (the host was reconfigured): the next start
+    // marks the network stopped and removes its dnsmasq and rules.
+    ok(&["ip", "-n", &host, "link", "del", "rvtnat0"]);
+    let (state, run) = (d.state.clone(), d.run.clone());
+    in_netns(&host, move || {
+        let m = manager_at(&state, &run);
+        assert_eq!(m.reconcile().unwrap(), vec!["natnet".to_string()]);
+        assert!(!m.is_active("natnet"));
+        m.detach_all("vm1").unwrap();
+        assert_no_leftovers(&run);
+    });
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        },
+        "dnsmasq {pid} stopped with its vanished network"
+    );
+}
