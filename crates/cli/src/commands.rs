@@ -291,6 +291,7 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             action(c, &domain, "shutdown", body, done)
         }
         Cmd::Reboot { domain } => action(c, &domain, "reboot", json!({}), "is being rebooted"),
+        Cmd::Reset { domain } => action(c, &domain, "reset", json!({}), "was reset"),
         Cmd::Destroy { domain } => action(c, &domain, "destroy", json!({}), "destroyed"),
         Cmd::Suspend { domain } => action(c, &domain, "suspend", json!({}), "suspended"),
         Cmd::Resume { domain } => action(c, &domain, "resume", json!({}), "resumed"),

@@ -108,8 +108,11 @@ pub enum Cmd {
         #[arg(long)]
         timeout: Option<u64>,
     },
-    /// Reboot a domain (its VMM is reset from the definition).
+    /// Reboot a domain: the guest is asked (ACPI power button) and the domain starts again once
+    /// it has powered off.
     Reboot { domain: String },
+    /// Reset a domain at once, without asking the guest (its VMM is restarted).
+    Reset { domain: String },
     /// Stop a domain immediately.
     Destroy { domain: String },
     /// Pause a running domain.

@@ -49,6 +49,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route(&format!("{d}/start"), post(start))
         .route(&format!("{d}/shutdown"), post(shutdown))
         .route(&format!("{d}/reboot"), post(reboot))
+        .route(&format!("{d}/reset"), post(reset))
         .route(&format!("{d}/destroy"), post(destroy))
         .route(&format!("{d}/suspend"), post(suspend))
         .route(&format!("{d}/resume"), post(resume))
@@ -135,6 +136,11 @@ async fn shutdown(State(m): M, Path(name): Path<String>, body: axum::body::Bytes
 
 async fn reboot(State(m): M, Path(name): Path<String>) -> R<Empty> {
     m.reboot(&name).await?;
+    ok()
+}
+
+async fn reset(State(m): M, Path(name): Path<String>) -> R<Empty> {
+    m.reset(&name).await?;
     ok()
 }
 

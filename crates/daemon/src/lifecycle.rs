@@ -102,17 +102,30 @@ impl Manager {
         self.start_locked(&name, &slot).await
     }
 
-    /// Starts the VMM; the caller holds the slot's op lock.
+    /// Starts the VMM; the caller holds the slot's op lock. A pending restart (`restart_id`)
+    /// keeps its id; if the start fails, the domain is shut off (failed).
     pub async fn start_locked(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) -> ApiResult<()> {
-        let (dom, generation) = {
+        let r = self.start_inner(name, slot).await;
+        if r.is_err() {
+            let mut st = slot.lock();
+            if st.restart_id.take().is_some() && st.run.is_none() {
+                st.state = DomainState::ShutOff;
+                st.reason = StateReason::Failed;
+            }
+        }
+        r
+    }
+
+    async fn start_inner(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) -> ApiResult<()> {
+        let (dom, generation, keep_id) = {
             let st = slot.lock();
             if st.gone {
                 return Err(ApiError::no_domain(name));
             }
-            if st.state.is_active() {
+            if st.state.is_active() && st.restart_id.is_none() {
                 return Err(ApiError::invalid_op("Domain is already active"));
             }
-            (st.config.clone(), *slot.stopped.borrow() + 1)
+            (st.config.clone(), *slot.stopped.borrow() + 1, st.restart_id)
         };
         let def = &dom.def;
         check_files(def)?;
@@ -162,7 +175,7 @@ impl Manager {
         let run = Run {
             name: name.to_string(),
             uuid: def.uuid.clone().unwrap_or_default(),
-            id: self.take_id(),
+            id: keep_id.unwrap_or_else(|| self.take_id()),
             pid,
             start_time: crate::host::proc_stat(pid).map_or(0, |s| s.start_time),
             api_socket: api.clone(),
@@ -198,6 +211,7 @@ impl Manager {
             st.run = Some(run.clone());
             st.live = Some(dom.clone());
             st.stop_intent = None;
+            st.restart_id = None;
         }
         self.log(
             name,
@@ -312,8 +326,13 @@ impl Manager {
             st.run = None;
             st.live = None;
             let def = st.config.def.clone();
+            let reboot_requested = std::mem::take(&mut st.reboot_requested);
             let (action, off_reason) = match (st.stop_intent.take(), reason) {
                 (Some(intent), _) => (LifecycleAction::Destroy, intent),
+                // `reboot` pressed the power button: this poweroff is the guest's half of it.
+                (None, Some(ExitReason::Poweroff | ExitReason::Quit)) if reboot_requested => {
+                    (LifecycleAction::Restart, StateReason::Shutdown)
+                }
                 (None, Some(ExitReason::Poweroff | ExitReason::Quit)) => {
                     (def.on_poweroff, StateReason::Shutdown)
                 }
@@ -321,25 +340,34 @@ impl Manager {
                 (None, Some(ExitReason::Crash) | None) => (def.on_crash, StateReason::Crashed),
                 (None, Some(ExitReason::Error)) => (LifecycleAction::Destroy, StateReason::Failed),
             };
-            st.state = DomainState::ShutOff;
-            st.reason = off_reason;
             let restart = action == LifecycleAction::Restart && !st.gone;
+            if restart {
+                // Like libvirt across a reset: still running, same id, until the new VMM runs.
+                st.state = DomainState::Running;
+                st.reason = StateReason::Booted;
+                st.restart_id = Some(run.id);
+            } else {
+                st.state = DomainState::ShutOff;
+                st.reason = off_reason;
+            }
             (restart, off_reason, !st.persistent && !restart)
         };
         let why = match reason {
             Some(r) => format!("{r:?}").to_lowercase(),
             None => "died without an exit notice (killed or crashed)".into(),
         };
-        let line = format!(
-            "rvirt-vmm pid {} exited ({why}); domain is shut off ({}){}",
-            run.pid,
-            final_reason.as_str(),
-            if restart {
-                "; restarting as configured"
-            } else {
-                ""
-            }
-        );
+        let line = if restart {
+            format!(
+                "rvirt-vmm pid {} exited ({why}); restarting the domain (id {})",
+                run.pid, run.id
+            )
+        } else {
+            format!(
+                "rvirt-vmm pid {} exited ({why}); domain is shut off ({})",
+                run.pid,
+                final_reason.as_str()
+            )
+        };
         self.log(&run.name, &line);
         if final_reason == StateReason::Crashed || final_reason == StateReason::Failed {
             tracing::warn!("domain {}: {line}", run.name);
@@ -354,7 +382,8 @@ impl Manager {
             let (mgr, slot, name) = (self.clone(), slot.clone(), run.name.clone());
             tokio::spawn(async move {
                 let _op = slot.op.lock().await;
-                if slot.lock().state == DomainState::ShutOff {
+                // destroy may have cancelled the restart while this task waited for the lock.
+                if slot.lock().restart_id.is_some() {
                     if let Err(e) = mgr.start_locked(&name, &slot).await {
                         mgr.log(&name, &format!("restart failed: {e}"));
                         tracing::error!("domain {name}: restart failed: {e}");
@@ -378,9 +407,27 @@ impl Manager {
         self.stop_locked(&slot, StateReason::Destroyed).await
     }
 
-    /// Stops the VMM now: quit request, then SIGKILL. Waits until supervision saw it end.
-    async fn stop_locked(&self, slot: &Slot, intent: StateReason) -> ApiResult<()> {
-        let run = Self::active_run(slot)?;
+    /// Stops the VMM now: quit request, then SIGKILL. Waits until supervision saw it end. A
+    /// pending restart (the VMM already ended) is cancelled instead.
+    async fn stop_locked(&self, slot: &Arc<Slot>, intent: StateReason) -> ApiResult<()> {
+        let run = match Self::active_run(slot) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut st = slot.lock();
+                if st.restart_id.take().is_none() || st.run.is_some() {
+                    return Err(e);
+                }
+                st.state = DomainState::ShutOff;
+                st.reason = intent;
+                let (name, transient) = (st.config.def.name.clone(), !st.persistent);
+                drop(st);
+                self.log(&name, "pending restart cancelled; domain is shut off");
+                if transient {
+                    self.remove_slot(&name, slot);
+                }
+                return Ok(());
+            }
+        };
         let mut stopped = slot.stopped.subscribe();
         stopped.borrow_and_update();
         slot.lock().stop_intent = Some(intent);
@@ -416,6 +463,8 @@ impl Manager {
                 ));
             }
             stopped.borrow_and_update();
+            // A shutdown overrides an earlier reboot request that the guest has not acted on.
+            slot.lock().reboot_requested = false;
             vmm_client::request(&run.api_socket, &Request::PowerButton)
                 .await
                 .map_err(|e| {
@@ -435,19 +484,45 @@ impl Manager {
         ))
     }
 
-    /// Reset: the VMM is stopped and started again from the definition (the control protocol
-    /// has no in-guest reboot request).
+    /// virsh reboot: presses the ACPI power button and, when the guest has powered off, starts
+    /// the domain again (same id), as libvirt's QEMU driver does. Returns once the button is
+    /// pressed; a guest that ignores the button keeps running.
     pub async fn reboot(self: &Arc<Self>, key: &str) -> ApiResult<()> {
         let (name, slot) = self.find(key)?;
         let _op = slot.op.lock().await;
-        let persistent_config = {
+        let run = Self::active_run(&slot)?;
+        if slot.lock().state == DomainState::Paused {
+            return Err(ApiError::invalid_op(
+                "Requested operation is not valid: domain is paused; resume it before reboot",
+            ));
+        }
+        slot.lock().reboot_requested = true;
+        if let Err(e) = vmm_client::request(&run.api_socket, &Request::PowerButton).await {
+            slot.lock().reboot_requested = false;
+            return Err(ApiError::failed(format!(
+                "cannot press the power button of '{name}' to reboot it: {e}"
+            )));
+        }
+        self.log(
+            &name,
+            "reboot: power button pressed; the domain restarts when the guest powers off",
+        );
+        Ok(())
+    }
+
+    /// virsh reset: the VMM is stopped at once and started again from the definition, keeping
+    /// the domain's id (a hard reset; the guest is not asked).
+    pub async fn reset(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let (persistent_config, id) = {
             let st = slot.lock();
-            if !st.state.is_active() {
-                return Err(ApiError::not_running());
+            match &st.run {
+                Some(r) if st.state.is_active() => (st.persistent, r.id),
+                _ => return Err(ApiError::not_running()),
             }
-            // A transient domain would vanish when stopped: keep it registered for the restart.
-            st.persistent
         };
+        // A transient domain would vanish when stopped: keep it registered for the restart.
         if !persistent_config {
             slot.lock().persistent = true;
         }
@@ -456,6 +531,13 @@ impl Manager {
             slot.lock().persistent = false;
         }
         stop?;
+        {
+            let mut st = slot.lock();
+            st.state = DomainState::Running;
+            st.reason = StateReason::Booted;
+            st.restart_id = Some(id);
+        }
+        self.log(&name, "reset: VMM stopped, starting it again");
         self.start_locked(&name, &slot).await
     }
 

@@ -53,6 +53,12 @@ pub struct SlotState {
     pub stop_intent: Option<StateReason>,
     /// The slot was removed from the registry (undefined transient domain that stopped).
     pub gone: bool,
+    /// `reboot` pressed the power button: the guest's next poweroff restarts the domain.
+    pub reboot_requested: bool,
+    /// The VMM ended and the domain is being started again (guest reboot, `reboot`, `reset`,
+    /// an on_* action `restart`): the domain keeps this id and stays "running" meanwhile, as
+    /// libvirt's domain does while QEMU resets.
+    pub restart_id: Option<u32>,
 }
 
 pub struct Slot {
@@ -79,6 +85,8 @@ impl Slot {
                 run: None,
                 stop_intent: None,
                 gone: false,
+                reboot_requested: false,
+                restart_id: None,
             }),
             stopped: tokio::sync::watch::channel(0).0,
             console: Mutex::new(None),
@@ -188,7 +196,8 @@ impl Manager {
         for (name, slot) in slots.iter() {
             let st = slot.lock();
             let by_uuid = key_uuid.is_some() && st.config.def.uuid == key_uuid;
-            let by_id = key_id.is_some() && st.run.as_ref().map(|r| r.id) == key_id;
+            let by_id =
+                key_id.is_some() && st.run.as_ref().map(|r| r.id).or(st.restart_id) == key_id;
             if by_uuid || by_id {
                 return Ok((name.clone(), slot.clone()));
             }
@@ -478,7 +487,7 @@ impl Manager {
 
 pub fn summary_of(st: &SlotState) -> DomainSummary {
     DomainSummary {
-        id: st.run.as_ref().map(|r| r.id),
+        id: st.run.as_ref().map(|r| r.id).or(st.restart_id),
         name: st.config.def.name.clone(),
         uuid: st.config.def.uuid.clone().unwrap_or_default(),
         state: st.state,

@@ -273,6 +273,101 @@ fn in_shutdown_while_the_guest_powers_off() {
     d.wait_state("s2", "shut off", "shutdown");
 }
 
+/// Waits until `name` runs a VMM other than `old`, returning the new pid.
+fn wait_new_pid(d: &Daemon, name: &str, old: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(p) = d.pid(name).filter(|p| *p != old) {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: VMM pid {old} was not replaced; log:\n{}",
+            d.domain_log(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn id_of(d: &Daemon, name: &str) -> u64 {
+    d.ok("GET", &format!("/v1/domains/{name}"), None)["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} has no id"))
+}
+
+#[test]
+fn reboot_asks_the_guest_and_restarts_with_the_same_id() {
+    let d = Daemon::start();
+    // The guest takes 500 ms to power off after the button: the domain keeps running meanwhile.
+    let xml = d
+        .xml("r1", "<on_poweroff>destroy</on_poweroff>")
+        .replace("console=ttyS0", "console=ttyS0 fake.shutdown_ms=500");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/r1/start", None);
+    let (pid, id) = (d.pid("r1").unwrap(), id_of(&d, "r1"));
+    d.ok("POST", "/v1/domains/r1/reboot", None);
+    assert_eq!(
+        d.pid("r1"),
+        Some(pid),
+        "reboot returns before the guest acts"
+    );
+    let pid2 = wait_new_pid(&d, "r1", pid);
+    d.wait_state("r1", "running", "booted");
+    assert_eq!(id_of(&d, "r1"), id, "a reboot keeps the domain id");
+    let log = d.domain_log("r1");
+    assert!(log.contains("reboot: power button pressed"), "{log}");
+    assert!(log.contains("restarting the domain"), "{log}");
+    // A guest that ignores the button is not rebooted (virsh reboot only asks).
+    let xml = d
+        .xml("r2", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.ignore_acpi");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/r2/start", None);
+    let pid_r2 = d.pid("r2").unwrap();
+    d.ok("POST", "/v1/domains/r2/reboot", None);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.pid("r2"), Some(pid_r2));
+    // A shutdown after a reboot request shuts the domain off (the request is dropped).
+    d.ok("POST", "/v1/domains/r1/reboot", None);
+    d.ok(
+        "POST",
+        "/v1/domains/r1/shutdown",
+        Some(json!({"timeout_secs": 10})),
+    );
+    assert_eq!(d.state("r1"), ("shut off".into(), "shutdown".into()));
+    assert!(
+        d.pid("r1").is_none(),
+        "not restarted after shutdown (was {pid2})"
+    );
+    // Not running: refused.
+    let (status, err) = d.call("POST", "/v1/domains/r1/reboot", None);
+    assert_eq!(status, 409, "{err}");
+    d.ok("POST", "/v1/domains/r2/destroy", None);
+}
+
+#[test]
+fn reset_restarts_the_vmm_at_once_with_the_same_id() {
+    let d = Daemon::start();
+    let xml = d
+        .xml("x1", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.ignore_acpi");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("POST", "/v1/domains/x1/start", None);
+    let (pid, id) = (d.pid("x1").unwrap(), id_of(&d, "x1"));
+    d.ok("POST", "/v1/domains/x1/reset", None);
+    let pid2 = d.pid("x1").expect("running right after reset");
+    assert_ne!(pid, pid2, "a new VMM");
+    assert_eq!(d.state("x1"), ("running".into(), "booted".into()));
+    assert_eq!(id_of(&d, "x1"), id, "reset keeps the domain id");
+    // Guest-initiated reboot (VMM exit 3) keeps the id too, per on_reboot restart.
+    d.console("x1", false).unwrap().send("reboot");
+    wait_new_pid(&d, "x1", pid2);
+    d.wait_state("x1", "running", "booted");
+    assert_eq!(id_of(&d, "x1"), id, "a guest reboot keeps the domain id");
+    d.ok("POST", "/v1/domains/x1/destroy", None);
+    assert_eq!(d.state("x1"), ("shut off".into(), "destroyed".into()));
+}
+
 #[test]
 fn shutdown_timeout_reports_and_keeps_running() {
     let d = Daemon::start();

@@ -86,10 +86,16 @@ fn virt_install_file_is_read_fully() {
     assert_eq!(def.rng.as_deref(), Some("virtio"));
     assert_eq!((def.serials, def.consoles), (1, 1));
     assert_eq!(def.boot, vec!["hd"]);
-    // The guest-agent channel is the one thing here rvirt does not do: one warning for it.
-    assert_eq!(d.warnings.len(), 1, "{:#?}", d.warnings);
+    // The guest-agent channel is unknown to rvirt, and the balloon is kept but not applied: one
+    // warning each.
+    assert_eq!(d.warnings.len(), 2, "{:#?}", d.warnings);
     assert!(
         d.warnings[0].contains("devices/channel"),
+        "{:?}",
+        d.warnings
+    );
+    assert!(
+        d.warnings[1].contains("<memballoon model='virtio'> is kept but not applied"),
         "{:?}",
         d.warnings
     );
@@ -97,7 +103,15 @@ fn virt_install_file_is_read_fully() {
 
 #[test]
 fn pinning_and_hugepages_are_read() {
-    let def = load("pinned-hugepages.xml").def;
+    let d = load("pinned-hugepages.xml");
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("<hugepages/> is kept but not applied")),
+        "hugepages are not silently ignored: {:?}",
+        d.warnings
+    );
+    let def = d.def;
     assert_eq!(def.memory_kib, 4 << 20);
     assert_eq!(def.current_memory_kib, 3 << 20);
     assert_eq!((def.vcpus, def.vcpus_current), (4, 2));
@@ -259,9 +273,11 @@ fn live_virsh_dumpxml_is_accepted_with_few_warnings() {
     );
     // Runtime-only details (aliases, pty paths, backingStore, seclabel) are not warned about.
     let w = d.warnings.join("\n");
-    assert_eq!(d.warnings.len(), 2, "{w}");
+    assert_eq!(d.warnings.len(), 3, "{w}");
     assert!(
-        w.contains("<devices/audio>") && w.contains("<devices/memballoon/stats>"),
+        w.contains("<devices/audio>")
+            && w.contains("<devices/memballoon/stats>")
+            && w.contains("<memballoon model='virtio'> is kept but not applied"),
         "{w}"
     );
 }

@@ -335,6 +335,7 @@ impl Domain {
         let def = read_domain(&tree)?;
         let mut warnings = Vec::new();
         collect_unknown(&tree, "", &mut BTreeSet::new(), &mut warnings);
+        warnings.extend(not_applied(&def));
         Ok(Domain {
             tree,
             def,
@@ -588,6 +589,27 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
         memballoon: extras.memballoon,
         rng: extras.rng,
     })
+}
+
+/// Settings that are read and kept but that rvirt-vmm cannot apply: said once at define time,
+/// so nobody believes the guest has them.
+fn not_applied(def: &DomainDef) -> Vec<String> {
+    let mut w = Vec::new();
+    if def.hugepages {
+        w.push(
+            "<memoryBacking><hugepages/> is kept but not applied: rvirt-vmm backs guest RAM with \
+             normal pages"
+                .to_string(),
+        );
+    }
+    if def.memballoon.as_deref() == Some("virtio") {
+        w.push(
+            "<memballoon model='virtio'> is kept but not applied: rvirt-vmm has no balloon \
+             device (the guest runs with currentMemory; dommemstat shows actual and rss)"
+                .to_string(),
+        );
+    }
+    w
 }
 
 /// Domain names become file names and appear in URLs: keep them to a safe set.
