@@ -17,7 +17,7 @@
 mod output;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -149,24 +149,122 @@ impl TestHost {
             .collect();
         cmd.arg("--append").arg(append.join(" "));
         let start = Instant::now();
-        let mut out = cmd
-            .output()
-            .with_context(|| format!("cannot run {}", root.join("guest/testhost").display()))?;
-        // A frozen test host (guest/testhost's status 125) is a fault of the emulated SVM the
-        // tests run on, not of the scenario: run it once more, and say so.
-        if out.status.code() == Some(TESTHOST_FROZE) {
-            eprintln!(
-                "the test host froze ({}); running the scenario once more",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            out = cmd
-                .output()
-                .with_context(|| format!("cannot run {}", root.join("guest/testhost").display()))?;
+        let mut out = run_watched(&mut cmd)?;
+        // A frozen or livelocked test host is a fault of the emulated SVM the tests run on, not
+        // of the scenario: run it once more, and say so.
+        if let Some(why) = out.stuck() {
+            eprintln!("{why}; running the scenario once more");
+            out = run_watched(&mut cmd)?;
+        }
+        let mut log = String::from_utf8_lossy(&out.stderr).into_owned();
+        if let Some(why) = out.stuck() {
+            log.push_str(&format!("\n{why} (second run too)\n"));
         }
         let serial = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
         Ok(Output::parse(serial, log, out.status, start.elapsed()))
     }
+}
+
+/// The test host prints `RVIRT-HOST-ALIVE` every 20 s (guest/testhost-init). Emulated SVM under
+/// TCG sometimes livelocks it: QEMU keeps burning CPU (so guest/testhost's freeze check does not
+/// fire) but nothing inside the test host runs again, not even its own timeouts. Silence this
+/// long after its first output means that.
+const SILENCE: Duration = Duration::from_secs(90);
+
+/// One `guest/testhost run`, its output, and whether it was stopped as stuck.
+struct Run {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: std::process::ExitStatus,
+    silent: bool,
+}
+
+impl Run {
+    /// Why the run says nothing about the scenario, if so.
+    fn stuck(&self) -> Option<String> {
+        if self.silent {
+            Some(format!(
+                "the test host livelocked (no serial output for {} s)",
+                SILENCE.as_secs()
+            ))
+        } else if self.status.code() == Some(TESTHOST_FROZE) {
+            Some(format!(
+                "the test host froze ({})",
+                String::from_utf8_lossy(&self.stderr).trim()
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Runs `guest/testhost` in its own process group, collecting its output, and stops the whole
+/// group if the test host falls silent for [`SILENCE`] after it first spoke (before that it may
+/// be waiting for the machine-wide test host lock, which its own --timeout does not count).
+fn run_watched(cmd: &mut Command) -> Result<Run> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::sync::Arc;
+
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot run {}",
+            workspace_root().join("guest/testhost").display()
+        )
+    })?;
+    let last_output: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let mut stdout = child.stdout.take().context("guest/testhost stdout")?;
+    let mut stderr = child.stderr.take().context("guest/testhost stderr")?;
+    let seen = Arc::clone(&last_output);
+    let out_reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+        all
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stderr.read_to_end(&mut all);
+        all
+    });
+    let pgid = child.id() as libc::pid_t;
+    let mut silent = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for guest/testhost")? {
+            break status;
+        }
+        let quiet_for = last_output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed());
+        if quiet_for.is_some_and(|d| d >= SILENCE) && !silent {
+            silent = true;
+            // SAFETY: kill(2) on our own child's process group; no memory is involved.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(5));
+            // SAFETY: as above; the group may be gone already, which kill reports harmlessly.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok(Run {
+        stdout,
+        stderr,
+        status,
+        silent,
+    })
 }
 
 fn on_path(tool: &str) -> bool {
