@@ -33,7 +33,8 @@ pub struct Args {
     /// Network interface: tap=NAME[,mac=52:54:00:xx:xx:xx]. Repeatable.
     #[arg(long)]
     pub net: Vec<String>,
-    /// Serial console (COM1): stdio, pty, socket=PATH or none.
+    /// Serial console (COM1): stdio, pty, socket=PATH or none. With stdio on a terminal, the
+    /// terminal is in raw mode (Ctrl-C goes to the guest) until exit; Ctrl-A x quits.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
     /// Control socket (JSON lines, see rvirt_api::vmm).

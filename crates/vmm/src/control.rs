@@ -1,9 +1,11 @@
 //! The control socket (`--api-socket`): JSON lines as defined in `rvirt_api::vmm`.
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use anyhow::{Context, Result};
@@ -11,8 +13,20 @@ use rvirt_api::vmm::{ExitReason, Request, Response, VcpuThread};
 
 use crate::vm::Shared;
 
+/// Open client connections: a handle on each stream (to shut it down) and its thread.
+type Connections = Arc<Mutex<Vec<(UnixStream, thread::JoinHandle<()>)>>>;
+
+/// The running control socket; [`ControlServer::stop`] ends it.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
+    conns: Connections,
+    shared: Arc<Shared>,
+}
+
 /// Listen on `path` and serve requests on a thread per connection.
-pub fn start(path: &Path, shared: Arc<Shared>) -> Result<()> {
+pub fn start(path: &Path, shared: Arc<Shared>) -> Result<ControlServer> {
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path).with_context(|| {
         format!(
@@ -20,18 +34,67 @@ pub fn start(path: &Path, shared: Arc<Shared>) -> Result<()> {
             path.display()
         )
     })?;
-    thread::Builder::new()
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Connections = Arc::default();
+    let (st, cs, sh) = (stop.clone(), conns.clone(), shared.clone());
+    let accept = thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for s in l.incoming().flatten() {
-                let sh = shared.clone();
-                let _ = thread::Builder::new()
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(keep) = s.try_clone() else { continue };
+                let sh = sh.clone();
+                if let Ok(h) = thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve(s, sh));
+                    .spawn(move || serve(s, sh))
+                {
+                    let mut c = cs.lock().unwrap_or_else(|e| e.into_inner());
+                    // Forget connections that already ended.
+                    c.retain(|(_, h)| !h.is_finished());
+                    c.push((keep, h));
+                }
             }
         })
         .context("spawning the control socket thread")?;
-    Ok(())
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        stop,
+        accept: Some(accept),
+        conns,
+        shared,
+    })
+}
+
+impl ControlServer {
+    /// Stop accepting, close every connection (watchers see end of file after their last
+    /// event), join the threads and remove the socket file.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop with a connection of our own.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        for (s, _) in &conns {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, h) in conns {
+            let _ = h.join();
+        }
+        for w in self
+            .shared
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = w.shutdown(Shutdown::Both);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn rss_bytes() -> u64 {

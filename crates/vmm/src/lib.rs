@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod interrupts;
 pub mod layout;
+pub mod term;
 pub mod vm;
 
 use std::process::ExitCode;

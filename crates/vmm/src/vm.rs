@@ -1,7 +1,7 @@
 //! VM creation on /dev/kvm, vCPU threads and exit handling.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -42,6 +42,10 @@ pub struct Shared {
     pause_cv: Condvar,
     /// (tid, pthread) per vCPU.
     pub threads: Mutex<Vec<(i32, libc::pthread_t)>>,
+    /// Whether each vCPU thread still runs; a thread clears its flag (under this lock) just
+    /// before it returns, and kicks are sent only while holding the lock, so no signal ever
+    /// goes to a thread that has finished.
+    vcpu_alive: Mutex<Vec<bool>>,
     pub watchers: Mutex<Vec<std::os::unix::net::UnixStream>>,
     pub legacy: Mutex<Option<Arc<Legacy>>>,
 }
@@ -60,6 +64,7 @@ impl Shared {
             pause_lock: Mutex::new(()),
             pause_cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            vcpu_alive: Mutex::new(vec![true; cfg.cpus as usize]),
             watchers: Mutex::new(Vec::new()),
             legacy: Mutex::new(None),
         }
@@ -123,17 +128,26 @@ impl Shared {
     }
 
     fn kick_all(&self) {
-        for (_, pt) in self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            // SAFETY: the pthread ids belong to vCPU threads that live as long as the process
-            // (they are never joined), and the signal has a no-op handler installed.
+        let alive = self.vcpu_alive.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, (_, pt)) in threads.iter().enumerate() {
+            if !alive.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            // SAFETY: the thread has not cleared its alive flag, which it does under the lock
+            // we hold before returning, so it is running and not yet joined; the signal has a
+            // no-op handler installed.
             unsafe {
                 libc::pthread_kill(*pt, vcpu_signal());
             }
+        }
+    }
+
+    /// Called by vCPU thread `id` right before it returns.
+    fn vcpu_finished(&self, id: usize) {
+        let mut alive = self.vcpu_alive.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = alive.get_mut(id) {
+            *a = false;
         }
     }
 
@@ -506,17 +520,42 @@ fn feed_serial(com1: &Arc<Mutex<crate::devices::Com1>>, mut input: impl Read) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut off = 0;
-        while off < n {
-            let took = com1
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_raw_bytes(&buf[off..n])
-                .unwrap_or(0);
-            off += took;
-            if off < n {
-                thread::sleep(Duration::from_millis(2));
-            }
+        enqueue(com1, &buf[..n]);
+    }
+}
+
+fn enqueue(com1: &Arc<Mutex<crate::devices::Com1>>, bytes: &[u8]) {
+    let mut off = 0;
+    while off < bytes.len() {
+        let took = com1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_raw_bytes(&bytes[off..])
+            .unwrap_or(0);
+        off += took;
+        if off < bytes.len() {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Like [`feed_serial`] for a raw terminal: Ctrl-A x stops the VM (see `term`).
+fn feed_console(com1: &Arc<Mutex<crate::devices::Com1>>, mut input: impl Read, sh: &Shared) {
+    let mut buf = [0u8; 64];
+    let mut esc = crate::term::Escape::default();
+    let mut out = Vec::with_capacity(128);
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        out.clear();
+        let quit = esc.filter(&buf[..n], &mut out);
+        enqueue(com1, &out);
+        if quit {
+            eprintln!("\r\nrvirt-vmm: Ctrl-A x: stopping the VM\r");
+            sh.request_exit(ExitReason::Quit);
+            return;
         }
     }
 }
@@ -554,6 +593,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
 
     let shared = Arc::new(Shared::new(&cfg));
     install_kick_handler()?;
+    let signals = QuitSignals::start(shared.clone())?;
 
     // Serial.
     let (sink, pty_master) = open_serial_output(&cfg.serial)?;
@@ -565,12 +605,22 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         IrqLine(com1_irq),
         SerialOut { sink: sink.clone() },
     )));
+    let mut raw_term = None;
     match &cfg.serial {
         SerialMode::Stdio => {
+            raw_term = crate::term::RawTerminal::enter(libc::STDIN_FILENO)
+                .context("--serial stdio: cannot put the stdin terminal into raw mode")?;
             let c = com1.clone();
+            let escape = raw_term.is_some().then(|| shared.clone());
+            if escape.is_some() {
+                eprintln!("rvirt-vmm: console on this terminal in raw mode; Ctrl-A x quits");
+            }
             thread::Builder::new()
                 .name("serial-in".into())
-                .spawn(move || feed_serial(&c, std::io::stdin()))?;
+                .spawn(move || match escape {
+                    Some(sh) => feed_console(&c, std::io::stdin(), &sh),
+                    None => feed_serial(&c, std::io::stdin()),
+                })?;
         }
         SerialMode::Pty => {
             if let Some(m) = pty_master {
@@ -608,7 +658,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let sci = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.register_irqfd(&sci, 9)
         .context("KVM_IRQFD for the ACPI SCI (GSI 9)")?;
-    let sh = shared.clone();
+    // Weak: `shared` holds `legacy`, a strong reference back would keep both alive forever.
+    let sh = Arc::downgrade(&shared);
     let legacy = Arc::new(Legacy {
         com1,
         cmos_index: Mutex::new(0),
@@ -618,7 +669,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             ..Default::default()
         })),
         sci: Some(sci),
-        on_pm_write: Some(Box::new(move |_pm| sh.set_state(RunState::ShuttingDown))),
+        on_pm_write: Some(Box::new(move |_pm| {
+            if let Some(sh) = sh.upgrade() {
+                sh.set_state(RunState::ShuttingDown);
+            }
+        })),
     });
     *shared.legacy.lock().unwrap_or_else(|e| e.into_inner()) = Some(legacy.clone());
 
@@ -633,6 +688,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         io: PCI_IO,
     }));
     let mut devs: Vec<Arc<Mutex<VirtioPciDevice>>> = Vec::new();
+    let mut disks: Vec<(std::path::PathBuf, Arc<dyn rvirt_image::BlockDevice>)> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let opts = rvirt_image::OpenOptions {
             read_only: d.readonly,
@@ -640,8 +696,10 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         };
         let img = rvirt_image::open_image(&d.path, d.format, &opts)
             .with_context(|| format!("--disk {}: cannot open the image", d.path.display()))?;
+        let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(img);
+        disks.push((d.path.clone(), img.clone()));
         let blk = virtio::block::Block::new(
-            Arc::new(img),
+            img,
             &virtio::block::BlockConfig {
                 id: format!("disk{i}"),
                 read_only: d.readonly,
@@ -680,6 +738,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         )
         .context("virtio-rng")?,
     )));
+    let dev_refs = devs.clone();
     for d in devs {
         bus.add_device(d)
             .map_err(|e| anyhow::anyhow!("adding a PCI device: {e}"))?;
@@ -699,6 +758,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     }
 
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::with_capacity(vcpu_fds.len());
     for (id, mut vcpu) in vcpu_fds.into_iter().enumerate() {
         let exits = Exits {
             legacy: legacy.clone(),
@@ -707,7 +767,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         };
         let sh = shared.clone();
         let tx = tid_tx.clone();
-        thread::Builder::new()
+        let h = thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 // SAFETY: pthread_self has no preconditions.
@@ -715,26 +775,35 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
                 let _ = tx.send((id, gettid(), pt));
                 loop {
                     if sh.stopping() {
-                        return;
+                        break;
                     }
                     sh.park_if_paused();
                     match vcpu.run() {
                         Ok(exit) => {
                             if let Some(r) = exits.handle(exit, id as u32) {
                                 sh.request_exit(r);
-                                return;
+                                break;
                             }
                         }
                         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                         Err(e) => {
                             eprintln!("rvirt-vmm: vcpu{id}: KVM_RUN failed: {e}");
                             sh.request_exit(ExitReason::Error);
-                            return;
+                            break;
                         }
                     }
                 }
-            })
-            .context("spawning a vCPU thread")?;
+                sh.vcpu_finished(id);
+            });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                shared.vcpu_finished(id);
+                shared.request_exit(ExitReason::Error);
+                stop_vcpus(&shared, handles);
+                return Err(e).context("spawning a vCPU thread");
+            }
+        }
     }
     drop(tid_tx);
     let mut threads: Vec<(usize, i32, libc::pthread_t)> =
@@ -744,22 +813,169 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         threads.into_iter().map(|(_, t, p)| (t, p)).collect();
 
     // The control socket answers once the VM is fully set up (vCPU threads known).
-    if let Some(path) = &cfg.api_socket {
-        crate::control::start(path, shared.clone())?;
-    }
+    let control = match &cfg.api_socket {
+        Some(path) => match crate::control::start(path, shared.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                shared.request_exit(ExitReason::Error);
+                stop_vcpus(&shared, handles);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
 
-    let reason = shared.wait_exit();
-    shared.broadcast(&Event::Exited { reason });
+    let mut reason = shared.wait_exit();
+    // Orderly stop: vCPUs first (nothing touches devices any more), then the devices (their
+    // workers finish in-flight requests and are joined), then the disks are flushed. Only then
+    // do watchers hear `exited`, so a supervisor that restarts the VM never finds the old
+    // process still writing.
+    stop_vcpus(&shared, handles);
+    drop(bus);
+    for d in dev_refs {
+        if let Err(d) = Arc::try_unwrap(d) {
+            let name = d.lock().map(|g| g.name()).unwrap_or("?");
+            eprintln!("rvirt-vmm: virtio-{name} is still referenced at exit; its worker may outlive the VM");
+        }
+    }
+    for (path, disk) in disks {
+        if disk.read_only() {
+            continue;
+        }
+        if let Err(e) = disk.flush() {
+            eprintln!(
+                "rvirt-vmm: error: flushing disk {} at exit failed: {e}; the guest's last writes may be lost",
+                path.display()
+            );
+            reason = ExitReason::Error;
+        }
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    shared.broadcast(&Event::Exited { reason });
+    if let Some(c) = control {
+        c.stop();
+    }
     if let SerialMode::Socket(p) = &cfg.serial {
         let _ = std::fs::remove_file(p);
     }
-    if let Some(p) = &cfg.api_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    let _ = vm.as_raw_fd();
+    *shared.legacy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    drop(signals);
+    drop(raw_term);
     Ok(reason)
+}
+
+/// Make every vCPU thread return and join it: kick (signal) the ones still running until all
+/// have finished, for at most 5 s. A thread that never returns is left detached, with a message.
+fn stop_vcpus(shared: &Shared, handles: Vec<thread::JoinHandle<()>>) {
+    let t = std::time::Instant::now();
+    while handles.iter().any(|h| !h.is_finished()) && t.elapsed() < Duration::from_secs(5) {
+        shared.kick_all();
+        thread::sleep(Duration::from_micros(500));
+    }
+    for (id, h) in handles.into_iter().enumerate() {
+        if h.is_finished() {
+            if h.join().is_err() {
+                eprintln!("rvirt-vmm: vcpu{id} thread panicked");
+            }
+        } else {
+            eprintln!("rvirt-vmm: vcpu{id} did not stop within 5 s; exiting without it");
+        }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP stop the VM like `quit` (exit 0): they are blocked in every VMM
+/// thread and taken by one `signals` thread with sigwait, so the normal exit path (devices
+/// stopped, disks flushed, terminal restored) runs. Dropping this stops that thread and restores
+/// the signal mask of the calling thread.
+struct QuitSignals {
+    thread: Option<thread::JoinHandle<()>>,
+    pthread: libc::pthread_t,
+    done: Arc<AtomicBool>,
+    old_mask: libc::sigset_t,
+}
+
+fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+fn quit_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and modify a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, wake_signal()] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+impl QuitSignals {
+    /// Block the signals in this thread (threads created later inherit the mask) and start the
+    /// thread that waits for them. Call before any other VMM thread is created.
+    fn start(shared: Arc<Shared>) -> Result<Self> {
+        let set = quit_sigset();
+        // SAFETY: `set` is initialised and `old` is a valid out-pointer.
+        let old_mask = unsafe {
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            if r != 0 {
+                bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(r));
+            }
+            old
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                let _ = tx.send(unsafe { libc::pthread_self() });
+                loop {
+                    let mut sig = 0;
+                    // SAFETY: `set` is initialised; `sig` is a valid out-pointer.
+                    let r = unsafe { libc::sigwait(&set, &mut sig) };
+                    if d.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if r == 0 && sig != wake_signal() {
+                        eprintln!("rvirt-vmm: terminating on signal {sig}");
+                        shared.request_exit(ExitReason::Quit);
+                    }
+                }
+            });
+        let restore = |e: std::io::Error| {
+            // SAFETY: restoring the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+            anyhow::anyhow!("spawning the signal thread: {e}")
+        };
+        let h = spawned.map_err(restore)?;
+        let pthread = rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the signal thread died at start"))?;
+        Ok(QuitSignals {
+            thread: Some(h),
+            pthread,
+            done,
+            old_mask,
+        })
+    }
+}
+
+impl Drop for QuitSignals {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(h) = self.thread.take() {
+            // SAFETY: the thread has not been joined yet (we join it just below), so its
+            // pthread id is valid; the wake signal is in the set it waits for.
+            unsafe { libc::pthread_kill(self.pthread, wake_signal()) };
+            let _ = h.join();
+        }
+        // SAFETY: restoring the mask saved in `start`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<()> {
