@@ -8,6 +8,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod control;
+pub mod cpuid;
 pub mod devices;
 pub mod interrupts;
 pub mod layout;

@@ -351,61 +351,8 @@ fn patch_cpuid(kvm: &Kvm, id: u32, ncpus: u32) -> Result<kvm_bindings::CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;
-    let shift = 32 - (ncpus.max(1) - 1).leading_zeros();
-    let mut have_sig = false;
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (ncpus.min(255) << 16);
-                e.ecx |= 1 << 31; // hypervisor
-                if ncpus > 1 {
-                    e.edx |= 1 << 28; // HTT: the logical count in EBX is valid
-                }
-            }
-            4 => {
-                e.eax = (e.eax & 0x03ff_ffff) | ((ncpus.min(64) - 1) << 26);
-                // Caches are shared by at most this many threads.
-                e.eax &= !(0xfff << 14);
-            }
-            0xb | 0x1f => {
-                e.edx = id;
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = (1 << 8) | e.index;
-                    }
-                    1 => {
-                        e.eax = shift;
-                        e.ebx = ncpus;
-                        e.ecx = (2 << 8) | e.index;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
-            }
-            0x4000_0000 => {
-                have_sig = true;
-                e.ebx = u32::from_le_bytes(*b"KVMK");
-                e.ecx = u32::from_le_bytes(*b"VMKV");
-                e.edx = u32::from_le_bytes(*b"M\0\0\0");
-            }
-            _ => {}
-        }
-    }
-    if !have_sig {
-        let e = kvm_bindings::kvm_cpuid_entry2 {
-            function: 0x4000_0000,
-            eax: 0x4000_0001,
-            ebx: u32::from_le_bytes(*b"KVMK"),
-            ecx: u32::from_le_bytes(*b"VMKV"),
-            edx: u32::from_le_bytes(*b"M\0\0\0"),
-            ..Default::default()
-        };
-        let _ = cpuid.push(e);
+    if !crate::cpuid::patch(cpuid.as_mut_slice(), id, ncpus) {
+        let _ = cpuid.push(crate::cpuid::hypervisor_leaf());
     }
     Ok(cpuid)
 }
