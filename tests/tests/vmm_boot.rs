@@ -1,6 +1,7 @@
 //! rvirt-vmm boots Debian's stock kernel with the test initramfs inside the test host VM: all
 //! vCPUs online, memory within 5%, virtio-blk read and written (the test host checks the bytes),
-//! virtio-net pings the test host's end of the TAP, /dev/hwrng gives bytes, poweroff exits 0.
+//! virtio-net pings the test host's end of the TAP, /dev/hwrng gives bytes, poweroff exits 0, and
+//! the guest's write to the boot-timer port shows up as the VMM's `boot-timer:` line.
 
 use rvirt_tests::{Scenario, TestHost};
 
@@ -17,7 +18,15 @@ fn boot(kernel: &str, cpus: u32) {
     let out = TestHost::run(&scenario).expect("test host run");
     eprintln!("{}", out.summary());
     out.expect_passed(&[
-        "vmm.cpus", "vmm.mem", "vmm.blk", "vmm.net", "vmm.rng", "vmm.done", "vmm.exit", "vmm.disk",
+        "vmm.cpus",
+        "vmm.mem",
+        "vmm.blk",
+        "vmm.net",
+        "vmm.rng",
+        "vmm.done",
+        "vmm.exit",
+        "vmm.disk",
+        "vmm.boottime",
     ]);
 }
 
