@@ -193,9 +193,19 @@ impl Legacy {
                 }
                 // Status bits are write-1-to-clear.
                 let clear = u16::from_le_bytes([wr[0], wr[1]]);
+                let acked = pm.sts & clear;
                 pm.sts &= !clear;
+                let newly_enabled = u16::from_le_bytes([cur[2], cur[3]]) & !pm.en;
                 pm.en = u16::from_le_bytes([cur[2], cur[3]]);
-                if clear & PM1_PWRBTN_STS != 0 {
+                // The SCI is level-triggered: enabling an event that is already pending raises it.
+                if pm.sts & newly_enabled & PM1_PWRBTN_STS != 0 {
+                    if let Some(sci) = &self.sci {
+                        let _ = sci.write(1);
+                    }
+                }
+                // Only acknowledging a pending press counts: ACPICA writes every status bit at
+                // start-up (and before installing the button handler) to clear stale events.
+                if acked & PM1_PWRBTN_STS != 0 {
                     if let Some(cb) = &self.on_pm_write {
                         cb(&pm);
                     }
@@ -301,6 +311,40 @@ mod tests {
         assert_eq!(u16::from_le_bytes(d), 0);
         l.pio_read(ports::PM1A_EVT + 2, &mut d);
         assert_eq!(u16::from_le_bytes(d), PM1_PWRBTN_EN);
+    }
+
+    #[test]
+    fn only_acknowledging_a_pending_press_runs_the_hook() {
+        let mut l = legacy();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = n.clone();
+        l.on_pm_write = Some(Box::new(move |_| {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        // Boot-time clearing of every status bit, nothing pending.
+        l.pio_write(ports::PM1A_EVT, &0xffffu16.to_le_bytes());
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 0);
+        l.pio_write(ports::PM1A_EVT + 2, &PM1_PWRBTN_EN.to_le_bytes());
+        l.power_button();
+        l.pio_write(ports::PM1A_EVT, &PM1_PWRBTN_STS.to_le_bytes());
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn sci_on_press_when_enabled_and_on_enable_when_pending() {
+        let mut l = legacy();
+        l.sci = Some(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let fired = |l: &Legacy| l.sci.as_ref().unwrap().read().is_ok();
+        l.power_button();
+        assert!(!fired(&l), "SCI while the event is disabled");
+        l.pio_write(ports::PM1A_EVT + 2, &PM1_PWRBTN_EN.to_le_bytes());
+        assert!(fired(&l), "no SCI when enabling a pending press");
+        l.pio_write(ports::PM1A_EVT, &PM1_PWRBTN_STS.to_le_bytes());
+        l.power_button();
+        assert!(fired(&l), "no SCI for a press while enabled");
+        // Rewriting the same enable bits does not raise it again.
+        l.pio_write(ports::PM1A_EVT + 2, &PM1_PWRBTN_EN.to_le_bytes());
+        assert!(!fired(&l));
     }
 
     #[test]
