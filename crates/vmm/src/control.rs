@@ -134,7 +134,8 @@ pub fn answer(req: &Request, sh: &Shared) -> Response {
                 Response::Ok
             } else {
                 Response::Error {
-                    message: "not every vCPU stopped within 2 s; try again".into(),
+                    message: "not every vCPU and device worker stopped within 2 s; try again"
+                        .into(),
                 }
             }
         }

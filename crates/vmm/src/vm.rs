@@ -48,6 +48,8 @@ pub struct Shared {
     vcpu_alive: Mutex<Vec<bool>>,
     pub watchers: Mutex<Vec<std::os::unix::net::UnixStream>>,
     pub legacy: Mutex<Option<Arc<Legacy>>>,
+    /// Closed while the VM is paused: device workers do not touch guest memory.
+    pub gate: virtio::PauseGate,
 }
 
 impl Shared {
@@ -67,6 +69,7 @@ impl Shared {
             vcpu_alive: Mutex::new(vec![true; cfg.cpus as usize]),
             watchers: Mutex::new(Vec::new()),
             legacy: Mutex::new(None),
+            gate: virtio::PauseGate::new(),
         }
     }
 
@@ -151,23 +154,28 @@ impl Shared {
         }
     }
 
-    /// Stop all vCPUs; returns once every vCPU is parked (or after 2 s).
+    /// Stop all vCPUs, then the device workers (they finish the request in hand and touch
+    /// guest memory no more until [`Shared::resume`]); true once every vCPU is parked and every
+    /// worker idle (false if that took over 2 s; the VM stays paused as far as it got).
     pub fn pause(&self) -> bool {
         self.paused.store(true, Ordering::SeqCst);
+        let mut vcpus_parked = false;
         for _ in 0..2000 {
             if self.parked.load(Ordering::SeqCst) >= self.vcpus as usize {
-                self.set_state(RunState::Paused);
-                return true;
+                vcpus_parked = true;
+                break;
             }
             self.kick_all();
             thread::sleep(Duration::from_millis(1));
         }
+        let workers_idle = self.gate.pause(Duration::from_secs(2));
         self.set_state(RunState::Paused);
-        false
+        vcpus_parked && workers_idle
     }
 
-    /// Let the vCPUs run again.
+    /// Let the device workers and the vCPUs run again.
     pub fn resume(&self) {
+        self.gate.resume();
         self.paused.store(false, Ordering::SeqCst);
         let _l = self.pause_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.pause_cv.notify_all();
@@ -687,6 +695,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     )));
     let dev_refs = devs.clone();
     for d in devs {
+        d.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_pause_gate(shared.gate.clone());
         bus.add_device(d)
             .map_err(|e| anyhow::anyhow!("adding a PCI device: {e}"))?;
     }
@@ -778,6 +789,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     // do watchers hear `exited`, so a supervisor that restarts the VM never finds the old
     // process still writing.
     stop_vcpus(&shared, handles);
+    // A VM stopped while paused: let the workers finish what they hold before they are joined.
+    shared.gate.resume();
     drop(bus);
     for d in dev_refs {
         if let Err(d) = Arc::try_unwrap(d) {

@@ -39,6 +39,8 @@ pub struct ActivateContext {
     pub queues: Vec<ActivatedQueue>,
     /// How workers interrupt the guest.
     pub interrupt: Arc<VirtioInterrupt>,
+    /// The VM's pause gate: start workers with `Worker::spawn_gated(.., gate.clone())`.
+    pub gate: super::PauseGate,
 }
 
 /// A device could not start.

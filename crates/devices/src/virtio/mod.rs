@@ -29,7 +29,7 @@ pub use transport::{
     VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
     MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR_SIZE,
 };
-pub use worker::{Worker, WorkerAction, WorkerCtl, WorkerHandler};
+pub use worker::{PauseGate, Worker, WorkerAction, WorkerCtl, WorkerHandler};
 
 /// Bit `n` of a feature word.
 pub(crate) const fn bit(n: u32) -> u64 {

@@ -118,7 +118,10 @@ impl VirtioDevice for Rng {
             buf: vec![0; 4096],
             counters: self.counters.clone(),
         };
-        self.worker = Some(Worker::spawn("virtio-rng".into(), &fds, handler).map_err(worker_err)?);
+        self.worker = Some(
+            Worker::spawn_gated("virtio-rng".into(), &fds, handler, ctx.gate.clone())
+                .map_err(worker_err)?,
+        );
         Ok(())
     }
 

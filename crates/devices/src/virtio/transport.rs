@@ -174,6 +174,7 @@ pub struct VirtioPciDevice {
     driver_features: u64,
     queue_select: u16,
     activated: bool,
+    gate: super::PauseGate,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -322,7 +323,14 @@ impl VirtioPciDevice {
             driver_features: 0,
             queue_select: 0,
             activated: false,
+            gate: super::PauseGate::new(),
         })
+    }
+
+    /// Make this device's workers (started from now on) wait at `gate` while it is closed: the
+    /// VMM shares one gate between all devices and closes it when the VM is paused.
+    pub fn set_pause_gate(&mut self, gate: super::PauseGate) {
+        self.gate = gate;
     }
 
     /// The wrapped device's short name.
@@ -628,6 +636,7 @@ impl VirtioPciDevice {
             acked_features: self.driver_features,
             queues,
             interrupt: self.interrupt.clone(),
+            gate: self.gate.clone(),
         };
         match self.device.activate(ctx) {
             Ok(()) => {

@@ -212,12 +212,11 @@ impl VirtioDevice for Block {
                 buf: Vec::new(),
                 counters: self.counters.clone(),
             };
-            let worker = Worker::spawn("virtio-blk".into(), &fds, handler).map_err(|source| {
-                ActivateError::Worker {
+            let worker = Worker::spawn_gated("virtio-blk".into(), &fds, handler, ctx.gate.clone())
+                .map_err(|source| ActivateError::Worker {
                     device: "block",
                     source,
-                }
-            })?;
+                })?;
             workers.push(worker);
         }
         self.workers = workers;

@@ -226,7 +226,10 @@ impl VirtioDevice for Net {
             segs: Vec::new(),
             counters: self.counters.clone(),
         };
-        self.worker = Some(Worker::spawn("virtio-net".into(), &fds, handler).map_err(worker_err)?);
+        self.worker = Some(
+            Worker::spawn_gated("virtio-net".into(), &fds, handler, ctx.gate.clone())
+                .map_err(worker_err)?,
+        );
         Ok(())
     }
 
