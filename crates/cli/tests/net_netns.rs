@@ -322,6 +322,10 @@ fn networks_through_the_cli_in_a_namespace() {
     // Stop and remove.
     assert_eq!(e.ok(&["net-destroy", "t1"]), "Network 't1' destroyed\n\n");
     assert!(!e.has_link("rvt1br"), "bridge removed");
+    let msg = e.err(&["net-undefine", "t1"]);
+    assert!(msg.contains("is used by domain(s) 'vm1'"), "{msg}");
+    assert!(e.dir.path().join("state/networks/t1.xml").exists());
+    e.ok(&["undefine", "vm1"]);
     assert_eq!(
         e.ok(&["net-undefine", "t1"]),
         "Network 't1' has been undefined\n\n"
