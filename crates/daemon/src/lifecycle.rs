@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a starting VMM has to answer on its control socket.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a starting VMM has to answer on its control socket (libvirt waits as long for
+/// QEMU's monitor): several VMMs starting at once next to booting guests on a loaded host
+/// need more than 15 s.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long destroy waits after asking the VMM to quit before it sends SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
