@@ -299,6 +299,43 @@ fn networks_through_the_cli_in_a_namespace() {
     e.ok(&["destroy", "vm1"]);
     assert!(!e.has_link("rvnet0"), "TAP removed when the domain stops");
 
+    // 100 start/destroy cycles of the domain on the running network leak nothing: no TAP is left,
+    // the bridge has no ports, the nftables table and dnsmasq are the ones the network started.
+    let nft_before = sh(&["ip", "netns", "exec", &e.ns, "nft", "list", "ruleset"]);
+    let dnsmasq_before = e.ok(&["net-info", "t1"]);
+    for i in 0..100 {
+        e.ok(&["start", "vm1"]);
+        let ports = e.ip(&["-o", "link", "show", "master", "rvt1br"]);
+        assert_eq!(
+            ports.lines().count(),
+            1,
+            "cycle {i}: one TAP on the bridge: {ports}"
+        );
+        e.ok(&["destroy", "vm1"]);
+    }
+    let links = e.ip(&["-o", "link"]);
+    assert!(
+        !links.contains("rvnet"),
+        "TAPs left after 100 cycles: {links}"
+    );
+    assert_eq!(e.ip(&["-o", "link", "show", "master", "rvt1br"]), "");
+    let nft_after = sh(&["ip", "netns", "exec", &e.ns, "nft", "list", "ruleset"]);
+    assert_eq!(
+        String::from_utf8_lossy(&nft_before.stdout),
+        String::from_utf8_lossy(&nft_after.stdout),
+        "nftables ruleset changed over 100 domain cycles"
+    );
+    assert_eq!(dnsmasq_before, e.ok(&["net-info", "t1"]));
+    let dnsmasqs = sh(&["ip", "netns", "pids", &e.ns]);
+    let count = String::from_utf8_lossy(&dnsmasqs.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "dnsmasq")
+        })
+        .count();
+    assert_eq!(count, 1, "one dnsmasq for t1 after 100 domain cycles");
+
     // Bad input: overlaps, nothing half-created.
     let o = e.file("o.xml", &net_xml("o", "rvobr", "10.77.3"));
     let msg = e.err(&["net-define", &o]);
