@@ -43,30 +43,24 @@ wait_ready() {
 # rss_mib PIDS... — summed RSS in MiB.
 rss_mib() { ps -o rss= -p "$(echo "$@" | tr ' ' ',')" | awk '{s+=$1} END {printf "%.1f", s/1024}'; }
 
-direct_rvirt() {
-    local d=$WORK/rv.$1 pids=() i t0 t1
-    mkdir -p "$d"
-    t0=$(now)
-    for i in $(seq "$N"); do
-        "$BIN/rvirt-vmm" --kernel "$WORK/idle.elf" --memory 64M --serial stdio --name "d$i" \
-            </dev/null >"$d/$i.out" 2>"$d/$i.err" &
-        pids+=($!)
-    done
-    wait_ready "$d"
-    t1=$(now)
-    echo "$(ms "$t0" "$t1") $(rss_mib "${pids[@]}")"
-    kill "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
+# One VM of each kind: launch_KIND I DIR starts VM I with its console in DIR/I.out.
+launch_rvirt() {
+    "$BIN/rvirt-vmm" --kernel "$WORK/idle.elf" --memory 64M --serial stdio --name "d$1" \
+        </dev/null >"$2/$1.out" 2>"$2/$1.err" &
+}
+launch_qemu() {
+    qemu-system-x86_64 -M microvm -accel kvm -cpu host,-arch-capabilities -m 64 -smp 1 \
+        -nodefaults -no-user-config -display none -monitor none -serial "file:$2/$1.out" \
+        -kernel "$WORK/idle.elf" </dev/null >"$2/$1.err" 2>&1 &
 }
 
-direct_qemu() {
-    local d=$WORK/q.$1 pids=() i t0 t1
+# direct KIND REP — N VMs of KIND at once; prints wall ms until all printed, and their RSS.
+direct() {
+    local d=$WORK/$1.$2 pids=() i t0 t1
     mkdir -p "$d"
     t0=$(now)
     for i in $(seq "$N"); do
-        qemu-system-x86_64 -M microvm -accel kvm -cpu host,-arch-capabilities -m 64 -smp 1 \
-            -nodefaults -no-user-config -display none -monitor none -serial "file:$d/$i.out" \
-            -kernel "$WORK/idle.elf" </dev/null >"$d/$i.err" 2>&1 &
+        "launch_$1" "$i" "$d"
         pids+=($!)
     done
     wait_ready "$d"
@@ -101,8 +95,8 @@ per_core() { echo "scale=1; $N * 1000 / $1 / $cores" | bc; }
 median() { sort -n | sed -n "$(((REPS + 1) / 2))p"; }
 rv=() q=() d=() rvr=() qr=() drun=()
 for r in $(seq "$REPS"); do
-    read -r t m < <(direct_rvirt "$r"); rv+=("$t"); rvr+=("$m")
-    read -r t m < <(direct_qemu "$r"); q+=("$t"); qr+=("$m")
+    read -r t m < <(direct rvirt "$r"); rv+=("$t"); rvr+=("$m")
+    read -r t m < <(direct qemu "$r"); q+=("$t"); qr+=("$m")
     read -r t run < <(via_rvirtd); d+=("$t"); drun+=("$run")
 done
 rv_med=$(printf '%s\n' "${rv[@]}" | median)
