@@ -70,8 +70,8 @@ pub fn attach(client: &Client, domain: &str, force: bool) -> Result<(), ClientEr
         loop {
             let n = match stdin.read(&mut buf) {
                 Ok(0) | Err(_) => {
-                    // End of input (not a detach): stop sending but show what the guest still
-                    // prints until it closes the console.
+                    // End of input (not a detach): stop sending; rvirtd relays what the guest
+                    // still prints for a 2 s grace period, then closes the session.
                     let _ = to_vm.shutdown(Shutdown::Write);
                     return;
                 }
