@@ -79,6 +79,24 @@ pub enum Request {
     Stats,
     /// Turn this connection into an event stream.
     Watch,
+    /// Set the balloon target: the memory the guest should keep, in bytes (QEMU's `balloon`
+    /// takes the same quantity, in MiB). Answered at once; the guest gets there on its own time.
+    Balloon { target_bytes: u64 },
+    /// Where the balloon is (QEMU's `query-balloon`).
+    QueryBalloon,
+    /// The guest's latest memory statistics from the balloon's stats queue.
+    BalloonStats,
+    /// Poll the guest for balloon statistics every `seconds` (0 = stop).
+    SetBalloonStatsPeriod { seconds: u32 },
+    /// Bring the number of online vCPUs to `count` (ACPI CPU hotplug). Adding completes at
+    /// once; removing asks the guest, and [`Event::VcpuRemoved`] follows when it ejects.
+    SetVcpus { count: u32 },
+    /// Hotplug a virtio-blk disk on a free PCI slot; the guest is notified through ACPI.
+    AddDisk { disk: crate::vmm_config::DiskConfig },
+    /// Hotplug a virtio-net NIC on a free PCI slot.
+    AddNet { net: crate::vmm_config::NetConfig },
+    /// Ask the guest to release device `id`; [`Event::DeviceRemoved`] follows when it ejects.
+    RemoveDevice { id: String },
 }
 
 /// Run state of the VM as the VMM sees it.
@@ -111,6 +129,9 @@ pub enum Response {
         state: RunState,
         vcpus: u32,
         memory_bytes: u64,
+        /// Most vCPUs the VM can have (hotplug).
+        #[serde(default)]
+        max_vcpus: u32,
     },
     VcpuInfo {
         vcpus: Vec<VcpuThread>,
@@ -120,11 +141,68 @@ pub enum Response {
         rss_bytes: u64,
         /// User + system CPU time of the process, in nanoseconds.
         cpu_time_ns: u64,
+        /// Per-device counters (virtio devices, in PCI slot order).
+        #[serde(default)]
+        devices: Vec<DeviceStats>,
+    },
+    Balloon {
+        /// Guest memory not held by the balloon (QEMU's `actual`).
+        actual_bytes: u64,
+        /// What the balloon is asked to leave the guest.
+        target_bytes: u64,
+        /// RAM in the guest's memory map (the most `actual` can be).
+        max_bytes: u64,
+    },
+    BalloonStats {
+        stats: BalloonStats,
+    },
+    /// A hotplugged device and where it went.
+    DeviceAdded {
+        id: String,
+        /// PCI slot on bus 0 (libvirt's `<address type='pci' bus='0x00' slot=...>`).
+        slot: u8,
     },
     /// The request failed; `message` says what and what to do.
     Error {
         message: String,
     },
+}
+
+/// Counters of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// The device id (`virtio-disk0`, `net0`, ...).
+    pub id: String,
+    /// `block`, `net`, `rng`, `balloon`.
+    pub kind: String,
+    /// Host path (disks) or TAP name (NICs).
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// PCI slot on bus 0.
+    pub slot: u8,
+    /// Named counters, e.g. `read_requests`, `read_bytes`, `rx_packets`.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// The guest's memory statistics (virtio-balloon stats tags), in bytes or counts, with the names
+/// `virsh dommemstat` prints. A field the guest did not report is `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    pub swap_in: Option<u64>,
+    pub swap_out: Option<u64>,
+    pub major_fault: Option<u64>,
+    pub minor_fault: Option<u64>,
+    /// Free memory (VIRTIO_BALLOON_S_MEMFREE).
+    pub unused: Option<u64>,
+    /// Total memory the guest sees (VIRTIO_BALLOON_S_MEMTOT).
+    pub available: Option<u64>,
+    /// Memory available without swapping (VIRTIO_BALLOON_S_AVAIL).
+    pub usable: Option<u64>,
+    pub disk_caches: Option<u64>,
+    pub hugetlb_pgalloc: Option<u64>,
+    pub hugetlb_pgfail: Option<u64>,
+    /// Seconds since the epoch of the guest's last report (0: none yet).
+    pub last_update: u64,
 }
 
 /// An event on a [`Request::Watch`] connection.
@@ -133,6 +211,24 @@ pub enum Response {
 pub enum Event {
     StateChanged {
         state: RunState,
+    },
+    /// The guest ejected a device after [`Request::RemoveDevice`]; its host resources (image
+    /// lock, TAP) are released.
+    DeviceRemoved {
+        id: String,
+    },
+    /// A vCPU came online after [`Request::SetVcpus`] (its thread exists).
+    VcpuAdded {
+        vcpu: u32,
+        tid: i32,
+    },
+    /// The guest ejected vCPU `vcpu` after [`Request::SetVcpus`]; its thread has ended.
+    VcpuRemoved {
+        vcpu: u32,
+    },
+    /// The balloon's actual size changed (QEMU's BALLOON_CHANGE).
+    BalloonChanged {
+        actual_bytes: u64,
     },
     /// The VM has stopped; the process exits right after with `reason.exit_code()`.
     Exited {

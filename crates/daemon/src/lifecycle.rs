@@ -273,6 +273,8 @@ impl Manager {
                 match ev {
                     Event::Exited { reason } => told = Some(reason),
                     Event::StateChanged { state } => self.vmm_state_changed(&slot, &run, state),
+                    // Hotplug and balloon events are for whoever waits on them (not yet used).
+                    _ => {}
                 }
             }
         }

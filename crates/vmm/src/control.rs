@@ -128,6 +128,7 @@ pub fn answer(req: &Request, sh: &Shared) -> Response {
             state: sh.run_state(),
             vcpus: sh.vcpus,
             memory_bytes: sh.memory,
+            max_vcpus: sh.vcpus,
         },
         Request::Pause => {
             if sh.pause() {
@@ -170,8 +171,12 @@ pub fn answer(req: &Request, sh: &Shared) -> Response {
         Request::Stats => Response::Stats {
             rss_bytes: rss_bytes(),
             cpu_time_ns: cpu_time_ns(),
+            devices: Vec::new(),
         },
         Request::Watch => Response::Ok,
+        other => Response::Error {
+            message: format!("{other:?} is not supported by this rvirt-vmm yet"),
+        },
     }
 }
 

@@ -116,6 +116,7 @@ fn info_vcpu_info_stats_pause_resume_quit() {
             state,
             vcpus,
             memory_bytes,
+            ..
         } => {
             assert_eq!(pid, vm.child.id());
             assert_eq!(name.as_deref(), Some("t1"));
@@ -141,6 +142,7 @@ fn info_vcpu_info_stats_pause_resume_quit() {
         Response::Stats {
             rss_bytes,
             cpu_time_ns,
+            ..
         } => {
             assert!(rss_bytes > 1 << 20, "{rss_bytes}");
             assert!(cpu_time_ns > 0);

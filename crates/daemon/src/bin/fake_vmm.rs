@@ -218,6 +218,7 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             state: vm.state(),
             vcpus: vm.vcpus,
             memory_bytes: vm.memory_bytes,
+            max_vcpus: vm.vcpus,
         },
         Request::Pause | Request::Resume => {
             let pause = req == Request::Pause;
@@ -256,7 +257,11 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
         Request::Stats => Response::Stats {
             rss_bytes: 0,
             cpu_time_ns: 0,
+            devices: Vec::new(),
         },
         Request::Watch => unreachable!("handled by the caller"),
+        other => Response::Error {
+            message: format!("the stand-in VMM does not implement {other:?}"),
+        },
     }
 }
