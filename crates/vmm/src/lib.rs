@@ -1,20 +1,32 @@
 //! rvirt-vmm: the virtual machine monitor library.
 //!
 //! One process per VM: parse the command line ([`cli`]), lay out guest memory and load the
-//! kernel ([`boot`]), create the VM and its vCPUs on /dev/kvm ([`vm`]) and emulate the few
-//! legacy devices a Linux guest needs ([`devices`]). docs/vmm.md is the user reference.
+//! kernel ([`boot`]), create the KVM VM ([`vstate`]), its devices ([`device_manager`]: the
+//! platform devices of [`legacy`] on a [`bus`], virtio on PCI) and its vCPU threads
+//! ([`vcpu_manager`]), then run the control loop ([`vmm`]) that owns them all and answers
+//! typed [`messages`] from the control socket ([`control`]), the vCPUs and the devices.
+//! docs/vmm.md is the user reference.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;
+pub mod console;
 pub mod control;
 pub mod cpuid;
-pub mod devices;
+pub mod device_manager;
+pub mod exits;
 pub mod interrupts;
 pub mod layout;
+pub mod legacy;
+pub mod logger;
+pub mod messages;
+pub mod signals;
 pub mod term;
-pub mod vm;
+pub mod threads;
+pub mod vcpu_manager;
+pub mod vmm;
+pub mod vstate;
 
 use std::process::ExitCode;
 use std::sync::OnceLock;
@@ -44,7 +56,7 @@ pub fn run_main() -> ExitCode {
             });
         }
     };
-    match cli::VmConfig::from_args(&args).and_then(vm::run) {
+    match cli::VmConfig::from_args(&args).and_then(vmm::run) {
         Ok(reason) => {
             eprintln!("rvirt-vmm: VM stopped: {reason:?}");
             ExitCode::from(reason.exit_code() as u8)

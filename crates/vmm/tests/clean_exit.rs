@@ -1,4 +1,4 @@
-//! The VMM's exit path, run in this process through `rvirt_vmm::vm::run` so the test can see
+//! The VMM's exit path, run in this process through `rvirt_vmm::vmm::run` so the test can see
 //! what it leaves behind: after `run` returns, every thread it started (vCPUs, device workers,
 //! control socket, signal thread) is gone, every descriptor it opened (/dev/kvm, VM, vCPUs,
 //! eventfds, disk images, sockets) is closed, and the guest's writes are in the file.
@@ -139,7 +139,7 @@ fn run_returns_with_threads_joined_descriptors_closed_and_data_on_disk() {
     let cfg = config(&[
         "--kernel", &kernel, "--memory", "64M", "--cpus", "2", "--serial", "none", "--disk", &spec,
     ]);
-    let reason = rvirt_vmm::vm::run(cfg).expect("run");
+    let reason = rvirt_vmm::vmm::run(cfg).expect("run");
     assert_eq!(reason, ExitReason::Poweroff);
     assert_eq!(
         settle_threads(threads0),
@@ -183,7 +183,7 @@ fn run_returns_with_threads_joined_descriptors_closed_and_data_on_disk() {
         }
         (r, sock)
     });
-    let reason = rvirt_vmm::vm::run(cfg).expect("run");
+    let reason = rvirt_vmm::vmm::run(cfg).expect("run");
     assert_eq!(reason, ExitReason::Quit);
     let (r, sock) = client.join().unwrap();
     let (lines, quit_reply) = r.unwrap();

@@ -26,8 +26,9 @@ pub use device::{
     ISR_QUEUE, VIRTIO_MSI_NO_VECTOR,
 };
 pub use transport::{
-    VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
-    MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR_SIZE,
+    ActivationHook, VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET,
+    ISR_CFG_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER,
+    VIRTIO_BAR_SIZE,
 };
 pub use worker::{PauseGate, Worker, WorkerAction, WorkerCtl, WorkerHandler};
 

@@ -408,3 +408,41 @@ fn pci_cfg_capability_reaches_bar0() {
     d.cfg_write(cap + 16, &0u32.to_le_bytes());
     assert_eq!(d.status(), 1);
 }
+
+#[test]
+fn activation_hook_defers_start_to_the_vmm_thread() {
+    let d = rng_driver();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    d.dev.lock().unwrap().set_activation_hook(Box::new(move || {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    d.negotiate(!0);
+    let mut q = d.setup_queue(0, 16);
+    d.driver_ok();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        !d.dev.lock().unwrap().is_activated(),
+        "started inside the status write"
+    );
+    // A notification before the VMM gets to it is kept and served once the worker starts.
+    let head = q.add_chain(&d.mem, &[(DATA, 16, true)]);
+    d.kick(0);
+    assert!(d.dev.lock().unwrap().activate_pending());
+    assert!(d.dev.lock().unwrap().is_activated());
+    assert_eq!(q.wait_used(&d.mem), Some((u32::from(head), 16)));
+    // Nothing pending any more.
+    assert!(!d.dev.lock().unwrap().activate_pending());
+}
+
+#[test]
+fn a_reset_before_the_vmm_activates_cancels_the_activation() {
+    let d = rng_driver();
+    d.dev.lock().unwrap().set_activation_hook(Box::new(|| {}));
+    d.negotiate(!0);
+    let _q = d.setup_queue(0, 16);
+    d.driver_ok();
+    d.set_status(0);
+    assert!(!d.dev.lock().unwrap().activate_pending());
+    assert!(!d.dev.lock().unwrap().is_activated());
+}

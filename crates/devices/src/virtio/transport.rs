@@ -175,7 +175,16 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     activated: bool,
     gate: super::PauseGate,
+    /// Set: DRIVER_OK only records a pending activation and calls the hook; the VMM then
+    /// activates from its own thread ([`VirtioPciDevice::activate_pending`]).
+    activation_hook: Option<ActivationHook>,
+    activation_pending: bool,
 }
+
+/// Told that a device is ready to start (the driver set DRIVER_OK). Runs on the vCPU thread
+/// with the device locked: it must only pass the news on (e.g. send a message), never lock the
+/// device.
+pub type ActivationHook = Box<dyn Fn() + Send>;
 
 impl std::fmt::Debug for VirtioPciDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -324,6 +333,8 @@ impl VirtioPciDevice {
             queue_select: 0,
             activated: false,
             gate: super::PauseGate::new(),
+            activation_hook: None,
+            activation_pending: false,
         })
     }
 
@@ -331,6 +342,27 @@ impl VirtioPciDevice {
     /// VMM shares one gate between all devices and closes it when the VM is paused.
     pub fn set_pause_gate(&mut self, gate: super::PauseGate) {
         self.gate = gate;
+    }
+
+    /// Defer activation to the VMM: starting workers and TAP set-up then run on the VMM's
+    /// thread (with its affinity, outside any vCPU exit) instead of inside the guest's status
+    /// write. Without a hook the device activates at once (unit tests, simple embedders).
+    pub fn set_activation_hook(&mut self, hook: ActivationHook) {
+        self.activation_hook = Some(hook);
+    }
+
+    /// Start the device if the driver set DRIVER_OK and it has not been started since (the
+    /// guest may have reset it meanwhile). Returns whether it was started now.
+    pub fn activate_pending(&mut self) -> bool {
+        if !std::mem::take(&mut self.activation_pending) || self.activated {
+            return false;
+        }
+        let dok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+        if self.interrupt.status() & dok == 0 {
+            return false;
+        }
+        self.activate();
+        self.activated
     }
 
     /// The wrapped device's short name.
@@ -573,7 +605,13 @@ impl VirtioPciDevice {
             && new & ready == ready
             && new & VIRTIO_CONFIG_S_FAILED as u8 == 0
         {
-            self.activate();
+            match &self.activation_hook {
+                Some(hook) => {
+                    self.activation_pending = true;
+                    hook();
+                }
+                None => self.activate(),
+            }
         }
     }
 
@@ -660,6 +698,7 @@ impl VirtioPciDevice {
     fn reset(&mut self) {
         self.device.reset();
         self.activated = false;
+        self.activation_pending = false;
         for q in &mut self.queues {
             *q = QueueConfig::new(q.max_size);
         }

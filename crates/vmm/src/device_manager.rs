@@ -1,0 +1,257 @@
+//! Owns every device of the VM: the port I/O and MMIO buses with the platform devices, the
+//! root PCI bus with the virtio functions, and the disk images behind them. Devices are added
+//! here at start (and at run time by hotplug); the vCPUs only see the buses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use rvirt_api::vmm::DeviceStats;
+use rvirt_devices::pci::{PciBus, PciWindows};
+use rvirt_devices::virtio::{self, PauseGate, VirtioPciDevice};
+use rvirt_devices::{IoEventRegistry, MsiRouting};
+
+use crate::boot::GuestMem;
+use crate::bus::Bus;
+use crate::cli::{DiskConfig, NetConfig};
+use crate::exits::ExitHandler;
+use crate::interrupts::{IoEvents, Routing};
+use crate::layout::*;
+use crate::legacy::{self, pm::Pm, serial::Com1};
+use crate::messages::{Mailbox, VmmMessage};
+use crate::vstate::vm::Vm;
+
+/// A virtio function and what it is for.
+struct VirtioEntry {
+    id: String,
+    kind: &'static str,
+    backend: Option<String>,
+    slot: u8,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+/// Every device of one VM.
+pub struct DeviceManager {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pci: Arc<PciBus>,
+    pm: Arc<Mutex<Pm>>,
+    virtio: Vec<VirtioEntry>,
+    /// Writable images, flushed at exit.
+    disks: Vec<(PathBuf, Arc<dyn rvirt_image::BlockDevice>)>,
+    gate: PauseGate,
+    mem: GuestMem,
+    routing: Arc<dyn MsiRouting>,
+    ioevents: Arc<dyn IoEventRegistry>,
+    mailbox: Mailbox,
+}
+
+impl DeviceManager {
+    /// The buses, the platform devices (COM1 from the console, the PM block raising the SCI)
+    /// and an empty PCI bus with its windows for `vm`'s RAM size.
+    pub fn new(vm: &Vm, ram: u64, com1: Arc<Mutex<Com1>>, mailbox: &Mailbox) -> Result<Self> {
+        let sci = vm.irqfd(9, "the ACPI SCI")?;
+        let pm = Arc::new(Mutex::new(Pm::new(Some(sci), mailbox.clone())));
+        let pio = Arc::new(Bus::new());
+        legacy::install(&pio, com1, pm.clone(), mailbox).context("platform devices")?;
+        let routing: Arc<dyn MsiRouting> =
+            Arc::new(Routing::new(vm.fd.clone()).map_err(|e| anyhow::anyhow!("GSI routing: {e}"))?);
+        let ioevents: Arc<dyn IoEventRegistry> = Arc::new(IoEvents { vm: vm.fd.clone() });
+        let m64 = pci_mmio64_start(ram);
+        let pci = Arc::new(PciBus::new(PciWindows {
+            mmio32: PCI_MMIO32,
+            mmio64: m64..m64 + PCI_MMIO64_SIZE,
+            io: PCI_IO,
+        }));
+        Ok(DeviceManager {
+            pio,
+            mmio: Arc::new(Bus::new()),
+            pci,
+            pm,
+            virtio: Vec::new(),
+            disks: Vec::new(),
+            gate: PauseGate::new(),
+            mem: vm.mem.clone(),
+            routing,
+            ioevents,
+            mailbox: mailbox.clone(),
+        })
+    }
+
+    /// What vCPU exits reach.
+    pub fn exit_handler(&self) -> ExitHandler {
+        ExitHandler {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            pci: self.pci.clone(),
+        }
+    }
+
+    /// Held closed while the VM is paused: device workers leave guest memory alone.
+    pub fn gate(&self) -> &PauseGate {
+        &self.gate
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) {
+        self.pm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .power_button();
+    }
+
+    fn plug(
+        &mut self,
+        device: Box<dyn virtio::VirtioDevice>,
+        id: String,
+        backend: Option<String>,
+    ) -> Result<(String, u8)> {
+        let kind = device.name();
+        let mut dev = VirtioPciDevice::new(
+            device,
+            self.mem.clone(),
+            self.routing.clone(),
+            self.ioevents.clone(),
+        )
+        .with_context(|| format!("virtio-{kind} {id}"))?;
+        dev.set_pause_gate(self.gate.clone());
+        // Workers start on the VMM thread (its affinity, no vCPU exit held up), not inside the
+        // guest's status write.
+        let index = self.virtio.len();
+        let mailbox = self.mailbox.clone();
+        dev.set_activation_hook(Box::new(move || mailbox.send(VmmMessage::Activate(index))));
+        let device = Arc::new(Mutex::new(dev));
+        let addr = self
+            .pci
+            .add_device(device.clone())
+            .map_err(|e| anyhow::anyhow!("adding virtio-{kind} {id} to the PCI bus: {e}"))?;
+        self.virtio.push(VirtioEntry {
+            id: id.clone(),
+            kind,
+            backend,
+            slot: addr.device,
+            device,
+        });
+        Ok((id, addr.device))
+    }
+
+    fn unique_id(&self, wanted: Option<&String>, prefix: &str) -> Result<String> {
+        if let Some(id) = wanted {
+            if self.virtio.iter().any(|e| &e.id == id) {
+                anyhow::bail!("device id {id:?} is already in use; choose another id");
+            }
+            return Ok(id.clone());
+        }
+        let n = (0..)
+            .find(|n| !self.virtio.iter().any(|e| e.id == format!("{prefix}{n}")))
+            .unwrap_or(0);
+        Ok(format!("{prefix}{n}"))
+    }
+
+    /// Opens `d`'s image and adds a virtio-blk function for it.
+    pub fn add_disk(&mut self, d: &DiskConfig) -> Result<(String, u8)> {
+        let id = self.unique_id(None, "virtio-disk")?;
+        let opts = rvirt_image::OpenOptions {
+            read_only: d.readonly,
+            ..Default::default()
+        };
+        let img = rvirt_image::open_image(&d.path, d.format, &opts)
+            .with_context(|| format!("--disk {}: cannot open the image", d.path.display()))?;
+        let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(img);
+        // The serial the guest reads (VIRTIO_BLK_T_GET_ID, /sys/block/vdX/serial): as before,
+        // diskN by position among the VM's disks.
+        let serial = format!(
+            "disk{}",
+            self.virtio.iter().filter(|e| e.kind == "block").count()
+        );
+        if !d.readonly {
+            self.disks.push((d.path.clone(), img.clone()));
+        }
+        let blk = virtio::block::Block::new(
+            img,
+            &virtio::block::BlockConfig {
+                id: serial,
+                read_only: d.readonly,
+            },
+        );
+        self.plug(Box::new(blk), id, Some(d.path.display().to_string()))
+    }
+
+    /// Opens `n`'s TAP and adds a virtio-net function for it.
+    pub fn add_net(&mut self, n: &NetConfig) -> Result<(String, u8)> {
+        let id = self.unique_id(None, "net")?;
+        let tap = virtio::net::Tap::open(&n.tap).with_context(|| format!("--net tap={}", n.tap))?;
+        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac: n.mac });
+        self.plug(Box::new(nic), id, Some(n.tap.clone()))
+    }
+
+    /// Adds the virtio entropy device.
+    pub fn add_rng(&mut self) -> Result<(String, u8)> {
+        let rng = virtio::rng::Rng::new().context("virtio-rng: /dev/urandom")?;
+        let id = self.unique_id(None, "rng")?;
+        self.plug(Box::new(rng), id, Some("/dev/urandom".into()))
+    }
+
+    /// Starts virtio device `index` if its driver is (still) ready.
+    pub fn activate(&self, index: usize) {
+        if let Some(e) = self.virtio.get(index) {
+            e.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .activate_pending();
+        }
+    }
+
+    /// Counters of every virtio device.
+    pub fn stats(&self) -> Vec<DeviceStats> {
+        self.virtio
+            .iter()
+            .map(|e| {
+                let counters: BTreeMap<String, u64> = e
+                    .device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .counters()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                DeviceStats {
+                    id: e.id.clone(),
+                    kind: e.kind.to_string(),
+                    backend: e.backend.clone(),
+                    slot: e.slot,
+                    counters,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every device (workers finish their requests and are joined) and flushes the
+    /// writable disks. Call once no vCPU runs. Returns the disks whose flush failed.
+    pub fn shutdown(self) -> Vec<(PathBuf, String)> {
+        // A VM stopped while paused: let the workers finish what they hold before they are
+        // joined.
+        self.gate.resume();
+        let DeviceManager {
+            pci, virtio, disks, ..
+        } = self;
+        drop(pci);
+        for e in virtio {
+            if let Err(d) = Arc::try_unwrap(e.device) {
+                let name = d.lock().map(|g| g.name()).unwrap_or("?");
+                log::warn!(
+                    "virtio-{name} {} is still referenced at exit; its worker may outlive the VM",
+                    e.id
+                );
+            }
+        }
+        let mut failed = Vec::new();
+        for (path, disk) in disks {
+            if let Err(e) = disk.flush() {
+                failed.push((path, e.to_string()));
+            }
+        }
+        failed
+    }
+}

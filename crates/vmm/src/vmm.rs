@@ -1,0 +1,249 @@
+//! The VMM: builds a VM from its configuration, then runs the control loop on the process's
+//! main thread (the one owner of the vCPUs and devices, answering [`VmmMessage`]s), then tears
+//! it down in order: vCPUs, devices (workers joined, disks flushed), watchers told `exited`.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
+
+use anyhow::{Context, Result};
+use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState, VcpuThread};
+
+use crate::cli::VmConfig;
+use crate::console::Console;
+use crate::device_manager::DeviceManager;
+use crate::messages::{self, VmmMessage};
+use crate::signals::QuitSignals;
+use crate::vcpu_manager::{VcpuManager, VcpuSetup};
+use crate::vstate::{vcpu, vm::Vm};
+use crate::{boot, threads};
+
+/// The running VM as its control loop sees it.
+struct Vmm {
+    name: Option<String>,
+    memory: u64,
+    state: RunState,
+    watchers: Vec<UnixStream>,
+    vcpus: VcpuManager,
+    devices: DeviceManager,
+}
+
+/// Creates the VM, runs it, and returns why it stopped.
+pub fn run(cfg: VmConfig) -> Result<ExitReason> {
+    crate::logger::init();
+    let vm = Vm::new(cfg.cpus, cfg.memory)?;
+    boot::write_boot_structures(&vm.mem)?;
+    let rsdp =
+        crate::acpi::write_tables(&vm.mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;
+    let entry = boot::load(&cfg, &vm.mem, Some(rsdp))?;
+
+    let (mailbox, inbox) = messages::mailbox();
+    vcpu::install_kick_handler()?;
+    let signals = QuitSignals::start(mailbox.clone())?;
+    let console = Console::open(&cfg.serial, vm.irqfd(4, "COM1")?, &mailbox)?;
+    let mut devices = DeviceManager::new(&vm, cfg.memory, console.com1.clone(), &mailbox)?;
+    for d in &cfg.disks {
+        devices.add_disk(d)?;
+    }
+    for n in &cfg.nets {
+        devices.add_net(n)?;
+    }
+    devices.add_rng()?;
+
+    let default_affinity = threads::affinity().context("sched_getaffinity")?;
+    let mut vcpus = VcpuManager::new(VcpuSetup {
+        vm: vm.fd.clone(),
+        kvm: kvm_ioctls::Kvm::new().context("opening /dev/kvm for vCPU set-up")?,
+        max: cfg.cpus,
+        entry,
+        exits: std::sync::Arc::new(devices.exit_handler()),
+        mailbox: mailbox.clone(),
+        affinity: Vec::new(),
+        default_affinity,
+    });
+    // On an error, dropping the manager stops the vCPUs started so far.
+    for id in 0..cfg.cpus {
+        vcpus.start(id)?;
+    }
+    let mut vmm = Vmm {
+        name: cfg.name.clone(),
+        memory: cfg.memory,
+        state: RunState::Running,
+        watchers: Vec::new(),
+        vcpus,
+        devices,
+    };
+
+    // The control socket answers once the VM is fully set up (vCPU threads known).
+    let control = match &cfg.api_socket {
+        Some(path) => match crate::control::start(path, mailbox.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                vmm.vcpus.stop_all();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+
+    let reason = vmm.serve(&inbox);
+    let reason = vmm.teardown(reason);
+    // Control connections waiting for an answer see the VMM gone (their reply channels drop
+    // with the queued messages), so the control socket can join them.
+    drop(inbox);
+    if let Some(c) = control {
+        c.stop();
+    }
+    drop(console);
+    drop(signals);
+    drop(vm);
+    Ok(reason)
+}
+
+impl Vmm {
+    /// Answers messages until the VM must stop; returns why.
+    fn serve(&mut self, inbox: &Receiver<VmmMessage>) -> ExitReason {
+        loop {
+            let Ok(msg) = inbox.recv() else {
+                return ExitReason::Error;
+            };
+            match msg {
+                VmmMessage::Exit(reason) => return reason,
+                VmmMessage::Request { request, reply } => {
+                    let _ = reply.send(self.answer(&request));
+                }
+                VmmMessage::Watch(s) => self.watchers.push(s),
+                VmmMessage::ShuttingDown => self.set_state(RunState::ShuttingDown),
+                VmmMessage::Activate(index) => self.devices.activate(index),
+            }
+        }
+    }
+
+    fn set_state(&mut self, s: RunState) {
+        if self.state != s {
+            self.state = s;
+            self.broadcast(&Event::StateChanged { state: s });
+        }
+    }
+
+    /// Sends an event line to every watcher; a watcher that went away is forgotten.
+    fn broadcast(&mut self, ev: &Event) {
+        let Ok(mut line) = serde_json::to_string(ev) else {
+            return;
+        };
+        line.push('\n');
+        self.watchers
+            .retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+    }
+
+    fn answer(&mut self, req: &Request) -> Response {
+        match req {
+            Request::Info => Response::Info {
+                pid: std::process::id(),
+                name: self.name.clone(),
+                state: self.state,
+                vcpus: self.vcpus.online(),
+                memory_bytes: self.memory,
+                max_vcpus: self.vcpus.max(),
+            },
+            Request::Pause => {
+                let vcpus = self.vcpus.pause();
+                let workers = self.devices.gate().pause(std::time::Duration::from_secs(2));
+                self.set_state(RunState::Paused);
+                if vcpus && workers {
+                    Response::Ok
+                } else {
+                    Response::Error {
+                        message: "not every vCPU and device worker stopped within 2 s; try again"
+                            .into(),
+                    }
+                }
+            }
+            Request::Resume => {
+                self.devices.gate().resume();
+                self.vcpus.resume();
+                self.set_state(RunState::Running);
+                Response::Ok
+            }
+            Request::PowerButton => {
+                self.devices.power_button();
+                Response::Ok
+            }
+            Request::VcpuInfo => Response::VcpuInfo {
+                vcpus: self
+                    .vcpus
+                    .threads()
+                    .into_iter()
+                    .map(|(vcpu, tid)| VcpuThread {
+                        vcpu,
+                        tid,
+                        state: self.state,
+                    })
+                    .collect(),
+            },
+            Request::Stats => Response::Stats {
+                rss_bytes: rss_bytes(),
+                cpu_time_ns: cpu_time_ns(),
+                devices: self.devices.stats(),
+            },
+            // The control socket answers these itself (it replies before the VM stops).
+            Request::Quit | Request::Watch => Response::Ok,
+            other => Response::Error {
+                message: format!("{other:?} is not supported by this rvirt-vmm yet"),
+            },
+        }
+    }
+
+    /// Orderly stop: vCPUs first (nothing touches devices any more), then the devices (their
+    /// workers finish in-flight requests and are joined), then the disks are flushed. Only then
+    /// do watchers hear `exited`, so a supervisor that restarts the VM never finds the old
+    /// process still writing.
+    fn teardown(self, mut reason: ExitReason) -> ExitReason {
+        let Vmm {
+            mut vcpus,
+            devices,
+            mut watchers,
+            ..
+        } = self;
+        vcpus.stop_all();
+        // The vCPUs' exit handler holds the buses: drop it before the devices.
+        drop(vcpus);
+        for (path, e) in devices.shutdown() {
+            log::error!(
+                "flushing disk {} at exit failed: {e}; the guest's last writes may be lost",
+                path.display()
+            );
+            reason = ExitReason::Error;
+        }
+        let _ = std::io::stdout().flush();
+        let mut line = serde_json::to_string(&Event::Exited { reason }).unwrap_or_default();
+        line.push('\n');
+        for mut w in watchers.drain(..) {
+            let _ = w.write_all(line.as_bytes());
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+        reason
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(4096) as u64
+}
+
+fn cpu_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,74 @@
+//! The KVM VM: /dev/kvm, the VM fd with its in-kernel irqchip and PIT, and guest memory
+//! registered as memslots.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, GuestMem};
+use crate::layout::TSS_ADDR;
+
+/// A KVM VM with its memory.
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: Arc<VmFd>,
+    pub mem: GuestMem,
+}
+
+impl Vm {
+    /// Opens /dev/kvm, creates the VM (irqchip, PIT, TSS) for up to `max_vcpus` vCPUs and
+    /// `ram` bytes of guest memory, and registers the memory.
+    pub fn new(max_vcpus: u32, ram: u64) -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open /dev/kvm ({e}): load the kvm module (kvm_intel/kvm_amd) and check the permissions of /dev/kvm"
+            )
+        })?;
+        let max = kvm.get_max_vcpus();
+        if max_vcpus as usize > max {
+            bail!("--cpus {max_vcpus}: this host's KVM allows at most {max} vCPUs");
+        }
+        let fd = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
+        fd.set_tss_address(TSS_ADDR as usize)
+            .context("KVM_SET_TSS_ADDR")?;
+        fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .context("KVM_CREATE_PIT2")?;
+        let mem = boot::create_memory(ram)?;
+        register_memory(&fd, &mem)?;
+        Ok(Vm { kvm, fd, mem })
+    }
+
+    /// An eventfd that raises `gsi` when written (KVM_IRQFD).
+    pub fn irqfd(&self, gsi: u32, what: &str) -> Result<EventFd> {
+        let e = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+        self.fd
+            .register_irqfd(&e, gsi)
+            .with_context(|| format!("KVM_IRQFD for {what} (GSI {gsi})"))?;
+        Ok(e)
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the `Vm` keeps for as long as
+        // the VM fd exists; its size is `region.len()`.
+        unsafe { vm.set_user_memory_region(r) }
+            .with_context(|| format!("KVM_SET_USER_MEMORY_REGION slot {slot}"))?;
+    }
+    Ok(())
+}
