@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::alloc::AddressAllocator;
 use super::config::{BarKind, NUM_BARS};
 use super::host_bridge::HostBridge;
 use super::{PciDevice, PciError};
@@ -64,9 +65,18 @@ type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 struct BusInner {
     slots: Vec<Option<SharedDevice>>,
     mappings: Vec<BarMapping>,
-    next_mmio32: u64,
-    next_mmio64: u64,
-    next_io: u64,
+    mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
+    io: AddressAllocator,
+    /// Per slot, the BAR ranges the bus allocated (window, base), freed on removal.
+    allocated: Vec<Vec<(Window, u64)>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Window {
+    Mmio32,
+    Mmio64,
+    Io,
 }
 
 /// The root bus with its host bridge at 00:00.0.
@@ -89,10 +99,6 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn align_up(v: u64, align: u64) -> Option<u64> {
-    v.checked_add(align - 1).map(|x| x & !(align - 1))
-}
-
 impl PciBus {
     /// A bus with the host bridge at slot 0; BARs are allocated from `windows`.
     pub fn new(windows: PciWindows) -> Self {
@@ -100,9 +106,12 @@ impl PciBus {
             inner: RwLock::new(BusInner {
                 slots: vec![None; NUM_SLOTS],
                 mappings: Vec::new(),
-                next_mmio32: windows.mmio32.start,
-                next_mmio64: windows.mmio64.start,
-                next_io: u64::from(windows.io.start),
+                mmio32: AddressAllocator::new(windows.mmio32.clone()),
+                mmio64: AddressAllocator::new(windows.mmio64.clone()),
+                io: AddressAllocator::new(
+                    u64::from(windows.io.start)..u64::from(windows.io.end),
+                ),
+                allocated: vec![Vec::new(); NUM_SLOTS],
             }),
             windows,
             config_address: AtomicU32::new(0),
@@ -131,7 +140,8 @@ impl PciBus {
             .ok_or(PciError::BusFull)?;
         {
             let mut dev = lock(&device);
-            self.allocate_bars(&mut inner, &mut *dev)?;
+            let ranges = Self::allocate_bars(&mut inner, &mut *dev)?;
+            inner.allocated[slot] = ranges;
             dev.bars_assigned();
         }
         inner.slots[slot] = Some(device);
@@ -143,55 +153,97 @@ impl PciBus {
         })
     }
 
-    fn allocate_bars(&self, inner: &mut BusInner, dev: &mut dyn PciDevice) -> Result<(), PciError> {
-        let bars = *dev.config().bars();
-        let mut command = 0;
-        for (index, spec) in bars.iter().enumerate() {
-            let Some(spec) = spec else { continue };
-            let addr = match spec.kind {
-                BarKind::Io => {
-                    command |= super::config::COMMAND_IO;
-                    let end = u64::from(self.windows.io.end);
-                    Self::bump(&mut inner.next_io, end, spec.size).ok_or(PciError::NoBarSpace {
-                        size: spec.size,
-                        kind: "I/O",
-                    })?
-                }
-                BarKind::Mem32 { .. } => {
-                    command |= super::config::COMMAND_MEMORY;
-                    Self::bump(&mut inner.next_mmio32, self.windows.mmio32.end, spec.size).ok_or(
-                        PciError::NoBarSpace {
-                            size: spec.size,
-                            kind: "32-bit memory",
-                        },
-                    )?
-                }
-                BarKind::Mem64 { .. } => {
-                    command |= super::config::COMMAND_MEMORY;
-                    Self::bump(&mut inner.next_mmio64, self.windows.mmio64.end, spec.size)
-                        .or_else(|| {
-                            Self::bump(&mut inner.next_mmio32, self.windows.mmio32.end, spec.size)
-                        })
-                        .ok_or(PciError::NoBarSpace {
-                            size: spec.size,
-                            kind: "64-bit memory",
-                        })?
-                }
-            };
-            dev.config_mut().set_bar_address(index, addr)?;
+    /// Takes the device out of `slot` (hot-unplug, after the guest ejected it): its BARs stop
+    /// decoding and their ranges and the slot become free for the next device.
+    pub fn remove_device(&self, slot: u8) -> Result<SharedDevice, PciError> {
+        let mut inner = self.write_inner();
+        let s = usize::from(slot);
+        if s == 0 || s >= NUM_SLOTS || inner.slots[s].is_none() {
+            return Err(PciError::NoDevice(slot));
         }
-        dev.config_mut().enable_command(command);
-        Ok(())
+        let dev = inner.slots[s].take().ok_or(PciError::NoDevice(slot))?;
+        for (w, base) in std::mem::take(&mut inner.allocated[s]) {
+            match w {
+                Window::Mmio32 => inner.mmio32.free(base),
+                Window::Mmio64 => inner.mmio64.free(base),
+                Window::Io => inner.io.free(base),
+            };
+        }
+        Self::rebuild_mappings(&mut inner);
+        Ok(dev)
     }
 
-    fn bump(next: &mut u64, end: u64, size: u64) -> Option<u64> {
-        let start = align_up(*next, size)?;
-        let stop = start.checked_add(size)?;
-        if stop > end {
-            return None;
+    /// The slot numbers that hold a device (the host bridge, slot 0, included).
+    pub fn occupied_slots(&self) -> Vec<u8> {
+        let inner = self.read_inner();
+        (0..NUM_SLOTS)
+            .filter(|&s| inner.slots[s].is_some())
+            .map(|s| s as u8)
+            .collect()
+    }
+
+    /// Assigns every BAR of `dev` from the windows, as firmware would; returns the ranges.
+    fn allocate_bars(
+        inner: &mut BusInner,
+        dev: &mut dyn PciDevice,
+    ) -> Result<Vec<(Window, u64)>, PciError> {
+        let bars = *dev.config().bars();
+        let mut command = 0;
+        let mut ranges = Vec::new();
+        let result = (|| {
+            for (index, spec) in bars.iter().enumerate() {
+                let Some(spec) = spec else { continue };
+                let (window, addr) = match spec.kind {
+                    BarKind::Io => {
+                        command |= super::config::COMMAND_IO;
+                        let a = inner.io.allocate(spec.size, spec.size);
+                        (Window::Io, a.ok_or(PciError::NoBarSpace {
+                            size: spec.size,
+                            kind: "I/O",
+                        })?)
+                    }
+                    BarKind::Mem32 { .. } => {
+                        command |= super::config::COMMAND_MEMORY;
+                        let a = inner.mmio32.allocate(spec.size, spec.size);
+                        (Window::Mmio32, a.ok_or(PciError::NoBarSpace {
+                            size: spec.size,
+                            kind: "32-bit memory",
+                        })?)
+                    }
+                    BarKind::Mem64 { .. } => {
+                        command |= super::config::COMMAND_MEMORY;
+                        match inner.mmio64.allocate(spec.size, spec.size) {
+                            Some(a) => (Window::Mmio64, a),
+                            None => (
+                                Window::Mmio32,
+                                inner.mmio32.allocate(spec.size, spec.size).ok_or(
+                                    PciError::NoBarSpace {
+                                        size: spec.size,
+                                        kind: "64-bit memory",
+                                    },
+                                )?,
+                            ),
+                        }
+                    }
+                };
+                ranges.push((window, addr));
+                dev.config_mut().set_bar_address(index, addr)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Nothing half-allocated stays behind.
+            for (w, base) in ranges {
+                match w {
+                    Window::Mmio32 => inner.mmio32.free(base),
+                    Window::Mmio64 => inner.mmio64.free(base),
+                    Window::Io => inner.io.free(base),
+                };
+            }
+            return Err(e);
         }
-        *next = stop;
-        Some(start)
+        dev.config_mut().enable_command(command);
+        Ok(ranges)
     }
 
     fn rebuild_mappings(inner: &mut BusInner) {

@@ -1,5 +1,6 @@
 //! PCI: configuration space, the root bus with its host bridge, BAR allocation and MSI-X.
 
+pub mod alloc;
 mod bus;
 pub mod config;
 mod host_bridge;
@@ -18,6 +19,9 @@ pub enum PciError {
     /// Every device slot of bus 0 is taken.
     #[error("PCI bus 0 has no free slot left (32 devices at most)")]
     BusFull,
+    /// No device sits in that slot (or it is the host bridge, which cannot be removed).
+    #[error("PCI slot {0} holds no removable device")]
+    NoDevice(u8),
     /// A BAR declaration is not valid.
     #[error("BAR {index} of size {size:#x} is invalid (size must be a power of two, BAR free)")]
     InvalidBar { index: usize, size: u64 },

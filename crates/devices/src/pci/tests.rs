@@ -509,3 +509,54 @@ fn invalid_bar_declarations_are_refused() {
         "64-bit prefetchable type bits"
     );
 }
+
+#[test]
+fn removed_device_frees_its_slot_and_bars_for_the_next_one() {
+    let (bus, routing, dev) = setup();
+    let bars = |d: &Arc<Mutex<TestDevice>>| {
+        let d = d.lock().unwrap();
+        [0, 1, MSIX_BAR].map(|b| d.config.bar_address(b).unwrap())
+    };
+    let first = bars(&dev);
+    let m32 = first[1];
+    let mut b = [0u8; 4];
+    assert!(bus.mmio_read(m32, &mut b), "BAR decodes before removal");
+    assert!(matches!(bus.remove_device(0), Err(PciError::NoDevice(0))));
+    assert!(matches!(bus.remove_device(2), Err(PciError::NoDevice(2))));
+    let removed = bus.remove_device(1).unwrap();
+    assert!(Arc::ptr_eq(
+        &removed,
+        &(dev.clone() as Arc<Mutex<dyn PciDevice>>)
+    ));
+    assert!(!bus.mmio_read(m32, &mut b), "BAR still decodes after removal");
+    assert_eq!(cf8_read32(&bus, 1, 0), 0xffff_ffff, "slot 1 still answers");
+    assert_eq!(bus.occupied_slots(), vec![0]);
+    // The next device gets the same slot and the same (freed) ranges.
+    let next = Arc::new(Mutex::new(TestDevice::new(routing)));
+    assert_eq!(bus.add_device(next.clone()).unwrap().device, 1);
+    assert_eq!(bars(&next), first);
+    assert!(bus.mmio_read(m32, &mut b));
+}
+
+#[test]
+fn a_bus_whose_windows_are_full_refuses_and_leaks_nothing() {
+    let routing = Arc::new(StubRouting::default());
+    // Room for the I/O and 32-bit BARs but not the 64-bit one (no 64-bit window, 32-bit full).
+    let bus = PciBus::new(PciWindows {
+        mmio32: 0xc000_0000..0xc000_1000,
+        mmio64: 0..0,
+        io: 0x1000..0x2000,
+    });
+    let dev = Arc::new(Mutex::new(TestDevice::new(routing.clone())));
+    assert!(matches!(
+        bus.add_device(dev),
+        Err(PciError::NoBarSpace { .. })
+    ));
+    // The failed attempt returned what it had taken: a device with the same 32-bit BAR but
+    // no 64-bit one would fit; here the same device fails the same way, not with I/O full.
+    let dev = Arc::new(Mutex::new(TestDevice::new(routing)));
+    match bus.add_device(dev) {
+        Err(PciError::NoBarSpace { kind, .. }) => assert_eq!(kind, "64-bit memory"),
+        other => panic!("{other:?}"),
+    }
+}
