@@ -20,6 +20,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod legacy;
 pub mod logger;
+pub mod memory;
 pub mod messages;
 pub mod signals;
 pub mod term;

@@ -31,7 +31,7 @@ struct Vmm {
 /// Creates the VM, runs it, and returns why it stopped.
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     crate::logger::init();
-    let vm = Vm::new(cfg.cpus, cfg.memory)?;
+    let vm = Vm::new(cfg.cpus, cfg.memory, &Default::default())?;
     boot::write_boot_structures(&vm.mem)?;
     let rsdp =
         crate::acpi::write_tables(&vm.mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;

@@ -69,7 +69,11 @@ mod tests {
         assert_eq!(a.allocate(0x1000, 0x1000), Some(0x1000));
         assert_eq!(a.allocate(0x2000, 0x2000), Some(0x2000));
         assert_eq!(a.allocate(0x100, 0x100), Some(0x4000));
-        assert_eq!(a.allocate(0x4000, 0x4000), None, "0x8000..0xc000 is past the end");
+        assert_eq!(
+            a.allocate(0x4000, 0x4000),
+            None,
+            "0x8000..0xc000 is past the end"
+        );
         assert_eq!(a.allocate(0, 8), None);
         assert_eq!(a.allocate(8, 3), None);
         assert_eq!(a.used(), 0x3100);

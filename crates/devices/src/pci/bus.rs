@@ -108,9 +108,7 @@ impl PciBus {
                 mappings: Vec::new(),
                 mmio32: AddressAllocator::new(windows.mmio32.clone()),
                 mmio64: AddressAllocator::new(windows.mmio64.clone()),
-                io: AddressAllocator::new(
-                    u64::from(windows.io.start)..u64::from(windows.io.end),
-                ),
+                io: AddressAllocator::new(u64::from(windows.io.start)..u64::from(windows.io.end)),
                 allocated: vec![Vec::new(); NUM_SLOTS],
             }),
             windows,
@@ -197,18 +195,24 @@ impl PciBus {
                     BarKind::Io => {
                         command |= super::config::COMMAND_IO;
                         let a = inner.io.allocate(spec.size, spec.size);
-                        (Window::Io, a.ok_or(PciError::NoBarSpace {
-                            size: spec.size,
-                            kind: "I/O",
-                        })?)
+                        (
+                            Window::Io,
+                            a.ok_or(PciError::NoBarSpace {
+                                size: spec.size,
+                                kind: "I/O",
+                            })?,
+                        )
                     }
                     BarKind::Mem32 { .. } => {
                         command |= super::config::COMMAND_MEMORY;
                         let a = inner.mmio32.allocate(spec.size, spec.size);
-                        (Window::Mmio32, a.ok_or(PciError::NoBarSpace {
-                            size: spec.size,
-                            kind: "32-bit memory",
-                        })?)
+                        (
+                            Window::Mmio32,
+                            a.ok_or(PciError::NoBarSpace {
+                                size: spec.size,
+                                kind: "32-bit memory",
+                            })?,
+                        )
                     }
                     BarKind::Mem64 { .. } => {
                         command |= super::config::COMMAND_MEMORY;

@@ -528,7 +528,10 @@ fn removed_device_frees_its_slot_and_bars_for_the_next_one() {
         &removed,
         &(dev.clone() as Arc<Mutex<dyn PciDevice>>)
     ));
-    assert!(!bus.mmio_read(m32, &mut b), "BAR still decodes after removal");
+    assert!(
+        !bus.mmio_read(m32, &mut b),
+        "BAR still decodes after removal"
+    );
     assert_eq!(cf8_read32(&bus, 1, 0), 0xffff_ffff, "slot 1 still answers");
     assert_eq!(bus.occupied_slots(), vec![0]);
     // The next device gets the same slot and the same (freed) ranges.

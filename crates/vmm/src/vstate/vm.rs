@@ -9,7 +9,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, GuestMem};
+use rvirt_api::vmm_config::MemoryBacking;
+
+use crate::boot::GuestMem;
 use crate::layout::TSS_ADDR;
 
 /// A KVM VM with its memory.
@@ -21,8 +23,8 @@ pub struct Vm {
 
 impl Vm {
     /// Opens /dev/kvm, creates the VM (irqchip, PIT, TSS) for up to `max_vcpus` vCPUs and
-    /// `ram` bytes of guest memory, and registers the memory.
-    pub fn new(max_vcpus: u32, ram: u64) -> Result<Self> {
+    /// `ram` bytes of guest memory backed as `backing` says, and registers the memory.
+    pub fn new(max_vcpus: u32, ram: u64, backing: &MemoryBacking) -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| {
             anyhow::anyhow!(
                 "cannot open /dev/kvm ({e}): load the kvm module (kvm_intel/kvm_amd) and check the permissions of /dev/kvm"
@@ -41,7 +43,8 @@ impl Vm {
             ..Default::default()
         })
         .context("KVM_CREATE_PIT2")?;
-        let mem = boot::create_memory(ram)?;
+        let (mem, applied) = crate::memory::create(ram, backing)?;
+        log::debug!("guest RAM: {applied:?}");
         register_memory(&fd, &mem)?;
         Ok(Vm { kvm, fd, mem })
     }
