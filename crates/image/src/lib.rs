@@ -275,7 +275,10 @@ mod tests {
             .err()
             .expect("O_DIRECT refused")
             .to_string();
-        assert!(e.contains("cache=none") && e.contains("cache=writeback"), "{e}");
+        assert!(
+            e.contains("cache=none") && e.contains("cache=writeback"),
+            "{e}"
+        );
         assert!(open_image(f.path(), Some(Format::Raw), &OpenOptions::default()).is_ok());
     }
 }

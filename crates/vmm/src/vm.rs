@@ -56,8 +56,8 @@ impl Shared {
     fn new(cfg: &VmConfig) -> Self {
         Shared {
             name: cfg.name.clone(),
-            vcpus: cfg.cpus,
-            memory: cfg.memory,
+            vcpus: cfg.cpus.boot,
+            memory: cfg.memory.size,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
             state: Mutex::new(RunState::Running),
@@ -66,7 +66,7 @@ impl Shared {
             pause_lock: Mutex::new(()),
             pause_cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
-            vcpu_alive: Mutex::new(vec![true; cfg.cpus as usize]),
+            vcpu_alive: Mutex::new(vec![true; cfg.cpus.boot as usize]),
             watchers: Mutex::new(Vec::new()),
             legacy: Mutex::new(None),
             gate: virtio::PauseGate::new(),
@@ -523,10 +523,10 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         )
     })?;
     let max = kvm.get_max_vcpus();
-    if cfg.cpus as usize > max {
+    if cfg.cpus.boot as usize > max {
         bail!(
             "--cpus {}: this host's KVM allows at most {max} vCPUs",
-            cfg.cpus
+            cfg.cpus.boot
         );
     }
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
@@ -539,11 +539,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     })
     .context("KVM_CREATE_PIT2")?;
 
-    let mem = boot::create_memory(cfg.memory)?;
+    let mem = boot::create_memory(cfg.memory.size)?;
     register_memory(&vm, &mem)?;
     boot::write_boot_structures(&mem)?;
-    let rsdp =
-        crate::acpi::write_tables(&mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;
+    let rsdp = crate::acpi::write_tables(&mem, cfg.cpus.boot, cfg.memory.size)
+        .context("writing ACPI tables")?;
     let entry = boot::load(&cfg, &mem, Some(rsdp))?;
 
     let shared = Arc::new(Shared::new(&cfg));
@@ -636,7 +636,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let routing: Arc<dyn MsiRouting> =
         Arc::new(Routing::new(vm.clone()).map_err(|e| anyhow::anyhow!("GSI routing: {e}"))?);
     let ioevents: Arc<dyn IoEventRegistry> = Arc::new(IoEvents { vm: vm.clone() });
-    let m64 = pci_mmio64_start(cfg.memory);
+    let m64 = pci_mmio64_start(cfg.memory.size);
     let bus = Arc::new(PciBus::new(PciWindows {
         mmio32: PCI_MMIO32,
         mmio64: m64..m64 + PCI_MMIO64_SIZE,
@@ -647,12 +647,30 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     for (i, d) in cfg.disks.iter().enumerate() {
         let opts = rvirt_image::OpenOptions {
             read_only: d.readonly,
+            direct: d.cache.direct(),
             ..Default::default()
         };
-        let img = rvirt_image::open_image(&d.path, d.format, &opts)
-            .with_context(|| format!("--disk {}: cannot open the image", d.path.display()))?;
+        let format = d.format.map(|f| match f {
+            crate::cli::DiskFormat::Raw => rvirt_image::Format::Raw,
+            crate::cli::DiskFormat::Qcow2 => rvirt_image::Format::Qcow2,
+        });
+        let img = rvirt_image::open_image(&d.path, format, &opts).with_context(|| {
+            format!(
+                "--disk {} (cache={}): cannot open the image",
+                d.path.display(),
+                d.cache.name()
+            )
+        })?;
         let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(img);
+        // The exit flush goes to the image itself: it happens even with cache=unsafe.
         disks.push((d.path.clone(), img.clone()));
+        let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(rvirt_image::Cached::new(
+            img,
+            rvirt_image::CachePolicy {
+                write_through: d.cache.write_through(),
+                ignore_flush: !d.cache.honours_flush(),
+            },
+        ));
         let blk = virtio::block::Block::new(
             img,
             &virtio::block::BlockConfig {
@@ -670,9 +688,10 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             .with_context(|| format!("virtio-blk for {}", d.path.display()))?,
         )));
     }
-    for n in &cfg.nets {
+    for (i, n) in cfg.nets.iter().enumerate() {
         let tap = virtio::net::Tap::open(&n.tap).with_context(|| format!("--net tap={}", n.tap))?;
-        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac: n.mac });
+        let mac = n.mac.unwrap_or_else(|| crate::cli::default_mac(i));
+        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac });
         devs.push(Arc::new(Mutex::new(
             VirtioPciDevice::new(
                 Box::new(nic),
@@ -704,11 +723,12 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
 
     // vCPUs.
     let mut vcpu_fds = Vec::new();
-    for id in 0..cfg.cpus {
+    for id in 0..cfg.cpus.boot {
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
-        setup_vcpu(&kvm, &vcpu, id, cfg.cpus).with_context(|| format!("setting up vcpu{id}"))?;
+        setup_vcpu(&kvm, &vcpu, id, cfg.cpus.boot)
+            .with_context(|| format!("setting up vcpu{id}"))?;
         if id == 0 {
             setup_boot_regs(&vcpu, entry)?;
         }
@@ -765,7 +785,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     }
     drop(tid_tx);
     let mut threads: Vec<(usize, i32, libc::pthread_t)> =
-        tid_rx.iter().take(cfg.cpus as usize).collect();
+        tid_rx.iter().take(cfg.cpus.boot as usize).collect();
     threads.sort_by_key(|t| t.0);
     *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) =
         threads.into_iter().map(|(_, t, p)| (t, p)).collect();
