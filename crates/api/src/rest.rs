@@ -130,6 +130,14 @@ pub struct XmlBody {
     pub xml: String,
 }
 
+/// Body of `POST /v1/domains/{name}/start` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// Leave the domain paused once its VMM is up (virsh start --paused).
+    #[serde(default)]
+    pub paused: bool,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShutdownRequest {
     /// Wait this long for the guest to power off; fail (domain left running) when it does not.

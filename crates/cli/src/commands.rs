@@ -271,8 +271,13 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             println!("Domain '{domain}' has been undefined\n");
             Ok(())
         }
-        Cmd::Start { domain, console } => {
-            action(c, &domain, "start", json!({}), "started")?;
+        Cmd::Start {
+            domain,
+            console,
+            paused,
+        } => {
+            let body = serde_json::to_value(StartRequest { paused }).unwrap();
+            action(c, &domain, "start", body, "started")?;
             if console {
                 return attach(c, &domain, false);
             }

@@ -247,8 +247,8 @@ pub fn build_xml(args: &InstallArgs, disks: &[DiskPlan]) -> anyhow::Result<Strin
         "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n",
     );
     x.push_str(&graphics_xml(&args.graphics)?);
-    // rvirt-vmm has no balloon device: say so rather than define one that does nothing.
-    x.push_str("    <memballoon model='none'/>\n");
+    // A virtio balloon with statistics every 5 s, as virt-install writes for KVM guests.
+    x.push_str("    <memballoon model='virtio'>\n      <stats period='5'/>\n    </memballoon>\n");
     x.push_str("    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n");
     x.push_str("  </devices>\n</domain>\n");
     Ok(x)

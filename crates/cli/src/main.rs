@@ -100,6 +100,9 @@ pub enum Cmd {
         /// Attach to the console after starting.
         #[arg(long)]
         console: bool,
+        /// Leave the domain paused (resume starts its vCPUs).
+        #[arg(long)]
+        paused: bool,
     },
     /// Shut a domain down gracefully (ACPI power button).
     Shutdown {

@@ -116,8 +116,15 @@ async fn dumpxml(State(m): M, Path(name): Path<String>, Query(q): Query<XmlQuery
     }))
 }
 
-async fn start(State(m): M, Path(name): Path<String>) -> R<Empty> {
-    m.start(&name).await?;
+async fn start(State(m): M, Path(name): Path<String>, body: axum::body::Bytes) -> R<Empty> {
+    // The body is optional: none (or empty) means a normal start.
+    let req: StartRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StartRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_arg(format!("start request body: {e}")))?
+    };
+    m.start_paused(&name, req.paused).await?;
     ok()
 }
 

@@ -7,6 +7,10 @@ use crate::xml::domain::{DomainDef, LifecycleAction};
 use crate::xml::Domain;
 use rvirt_api::rest::{DomainState, ErrorCode, StateReason};
 use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState};
+use rvirt_api::vmm_config::{
+    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskConfig, DiskFormat, MemoryBacking,
+    MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +22,34 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long destroy waits after asking the VMM to quit before it sends SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
-/// The rvirt-vmm command line for a definition (see the VMM's `--help`).
-pub fn vmm_args(
+/// Name of the VMM configuration file in a domain's run directory.
+pub const VMM_CONFIG_FILE: &str = "vmm-config.json";
+
+fn mib_bytes(kib: u64) -> u64 {
+    kib.div_ceil(1024) << 20
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+fn cpus_of(set: &crate::xml::CpuSet) -> Vec<usize> {
+    set.0.iter().copied().collect()
+}
+
+/// The configuration rvirt-vmm runs a definition with (written as JSON, `--config FILE`). The
+/// VMM always starts paused: [`Manager::start`] pins its threads, then resumes it.
+pub fn vmm_config(
     def: &DomainDef,
     api: &Path,
     serial: &Path,
     taps: &[String],
-) -> ApiResult<Vec<String>> {
+) -> ApiResult<VmConfig> {
     let kernel = def.kernel.as_ref().ok_or_else(|| {
         ApiError::new(
             ErrorCode::ConfigUnsupported,
@@ -34,40 +59,114 @@ pub fn vmm_args(
             ),
         )
     })?;
-    let mut a = vec![
-        "--name".to_string(),
-        def.name.clone(),
-        "--kernel".into(),
-        kernel.clone(),
-    ];
-    if let Some(i) = &def.initrd {
-        a.extend(["--initrd".into(), i.clone()]);
-    }
-    if let Some(c) = &def.cmdline {
-        a.extend(["--cmdline".into(), c.clone()]);
-    }
-    a.extend([
-        "--memory".into(),
-        format!("{}M", def.current_memory_kib.div_ceil(1024)),
-    ]);
-    a.extend(["--cpus".into(), def.vcpus_current.to_string()]);
-    for d in &def.disks {
-        let mut spec = format!("path={},format={}", d.source, d.format.name());
-        if d.readonly {
-            spec.push_str(",readonly=on");
-        }
-        a.extend(["--disk".into(), spec]);
-    }
-    for (iface, tap) in def.interfaces.iter().zip(taps) {
-        let mut spec = format!("tap={tap}");
-        if let Some(mac) = &iface.mac {
-            spec.push_str(&format!(",mac={mac}"));
-        }
-        a.extend(["--net".into(), spec]);
-    }
-    a.extend(["--serial".into(), format!("socket={}", serial.display())]);
-    a.extend(["--api-socket".into(), api.display().to_string()]);
-    Ok(a)
+    let balloon = def.has_balloon().then(|| BalloonConfig {
+        deflate_on_oom: def.balloon_autodeflate,
+        free_page_reporting: def.balloon_free_page_reporting,
+        stats_period: def.balloon_stats_period.unwrap_or(0),
+    });
+    // With a balloon the guest's memory map has <memory> and the balloon holds the rest of
+    // <currentMemory>; without one the guest simply gets <currentMemory> (as before).
+    let (size, current) = if balloon.is_some() {
+        let size = mib_bytes(def.memory_kib);
+        let cur = mib_bytes(def.current_memory_kib);
+        (size, (cur < size).then_some(cur))
+    } else {
+        (mib_bytes(def.current_memory_kib), None)
+    };
+    let disks = def
+        .disks
+        .iter()
+        .map(|d| {
+            let cache = match d.cache.as_deref() {
+                None => CacheMode::default(),
+                Some(c) => CacheMode::parse(c).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::ConfigUnsupported,
+                        format!("unknown disk cache mode '{c}' of disk {}", d.target),
+                    )
+                })?,
+            };
+            Ok(DiskConfig {
+                path: PathBuf::from(&d.source),
+                format: Some(match d.format {
+                    crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
+                    crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+                }),
+                readonly: d.readonly,
+                cache,
+                serial: d.serial.clone(),
+                id: Some(d.alias.clone()),
+            })
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let nets = def
+        .interfaces
+        .iter()
+        .zip(taps)
+        .map(|(iface, tap)| NetConfig {
+            tap: tap.clone(),
+            mac: iface.mac.as_deref().and_then(parse_mac),
+            id: Some(iface.alias.clone()),
+        })
+        .collect();
+    let vcpu_affinity = (0..def.vcpus)
+        .filter_map(|v| {
+            let pin = def.vcpupin.iter().find(|(p, _)| *p == v).map(|(_, c)| c);
+            pin.or(def.vcpu_cpuset.as_ref()).map(|c| VcpuAffinity {
+                vcpu: v,
+                cpus: cpus_of(c),
+            })
+        })
+        .collect();
+    Ok(VmConfig {
+        name: Some(def.name.clone()),
+        boot: BootConfig::Kernel {
+            kernel: PathBuf::from(kernel),
+            initrd: def.initrd.as_ref().map(PathBuf::from),
+            cmdline: def
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+        },
+        memory: MemoryConfig {
+            size,
+            current,
+            backing: MemoryBacking {
+                hugepages: def.hugepages,
+                nosharepages: def.nosharepages,
+                // Shared anonymous RAM is a memfd (what QEMU's memory-backend-memfd gives).
+                memfd: def.memfd || (def.shared_memory && !def.hugepages),
+                shared: def.shared_memory,
+            },
+        },
+        cpus: CpuConfig {
+            boot: def.vcpus_current,
+            max: (def.vcpus > def.vcpus_current).then_some(def.vcpus),
+        },
+        disks,
+        nets,
+        serial: SerialConfig::Socket(serial.to_path_buf()),
+        balloon,
+        rng: true,
+        api_socket: Some(api.to_path_buf()),
+        start_paused: true,
+        emulator_affinity: def
+            .emulatorpin
+            .as_ref()
+            .or(def.vcpu_cpuset.as_ref())
+            .map(cpus_of),
+        vcpu_affinity,
+    })
+}
+
+/// Writes `cfg` as `dir/vmm-config.json` (atomically, mode 0600) and returns its path.
+pub fn write_vmm_config(dir: &Path, cfg: &VmConfig) -> ApiResult<PathBuf> {
+    let path = dir.join(VMM_CONFIG_FILE);
+    let json = serde_json::to_vec_pretty(cfg)
+        .map_err(|e| ApiError::internal(format!("cannot encode the VMM configuration: {e}")))?;
+    crate::store::write_atomic(&path, &json)
+        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 fn check_files(def: &DomainDef) -> ApiResult<()> {
@@ -99,15 +198,30 @@ impl Manager {
     }
 
     pub async fn start(self: &Arc<Self>, key: &str) -> ApiResult<()> {
+        self.start_paused(key, false).await
+    }
+
+    /// virsh start [--paused]: with `paused` the domain stays paused once its VMM is up.
+    pub async fn start_paused(self: &Arc<Self>, key: &str, paused: bool) -> ApiResult<()> {
         let (name, slot) = self.find(key)?;
         let _op = slot.op.lock().await;
-        self.start_locked(&name, &slot).await
+        self.start_locked_paused(&name, &slot, paused).await
     }
 
     /// Starts the VMM; the caller holds the slot's op lock. A pending restart (`restart_id`)
     /// keeps its id; if the start fails, the domain is shut off (failed).
     pub async fn start_locked(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) -> ApiResult<()> {
-        let r = self.start_inner(name, slot).await;
+        self.start_locked_paused(name, slot, false).await
+    }
+
+    /// [`Manager::start_locked`], leaving the domain paused when `paused`.
+    pub async fn start_locked_paused(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &Arc<Slot>,
+        paused: bool,
+    ) -> ApiResult<()> {
+        let r = self.start_inner(name, slot, paused).await;
         if r.is_err() {
             let mut st = slot.lock();
             if st.restart_id.take().is_some() && st.run.is_none() {
@@ -118,7 +232,12 @@ impl Manager {
         r
     }
 
-    async fn start_inner(self: &Arc<Self>, name: &str, slot: &Arc<Slot>) -> ApiResult<()> {
+    async fn start_inner(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &Arc<Slot>,
+        paused: bool,
+    ) -> ApiResult<()> {
         let (dom, generation, keep_id) = {
             let st = slot.lock();
             if st.gone {
@@ -159,8 +278,10 @@ impl Manager {
             st.reason = StateReason::Failed;
             self.log(name, &format!("start failed: {why}"));
         };
-        let args = match vmm_args(def, &api, &serial, &taps) {
-            Ok(a) => a,
+        let config =
+            vmm_config(def, &api, &serial, &taps).and_then(|cfg| write_vmm_config(&dir, &cfg));
+        let args = match config {
+            Ok(path) => vec!["--config".to_string(), path.display().to_string()],
             Err(e) => {
                 cleanup(&e.message);
                 return Err(e);
@@ -205,11 +326,29 @@ impl Manager {
                 "rvirt-vmm for domain '{name}' did not start: {msg}"
             )));
         }
+        // The VMM started paused (QEMU's -S): pin its threads while no vCPU has run, then let
+        // it go (QEMU's `cont`), unless the user asked for a paused start.
         self.apply_cputune(&run, def).await;
+        if !paused {
+            if let Err(e) = vmm_client::request(&run.api_socket, &Request::Resume).await {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let msg = format!("cannot resume the paused VMM after start-up: {e}");
+                cleanup(&msg);
+                return Err(ApiError::failed(format!(
+                    "rvirt-vmm for domain '{name}' did not start: {msg}"
+                )));
+            }
+        }
         {
             let mut st = slot.lock();
-            st.state = DomainState::Running;
-            st.reason = StateReason::Booted;
+            if paused {
+                st.state = DomainState::Paused;
+                st.reason = StateReason::User;
+            } else {
+                st.state = DomainState::Running;
+                st.reason = StateReason::Booted;
+            }
             st.run = Some(run.clone());
             st.live = Some(dom.clone());
             st.stop_intent = None;
@@ -218,8 +357,9 @@ impl Manager {
         self.log(
             name,
             &format!(
-                "started rvirt-vmm pid {pid} (id {}): {}",
+                "started rvirt-vmm pid {pid} (id {}{}): {}",
                 run.id,
+                if paused { ", paused" } else { "" },
                 args.join(" ")
             ),
         );

@@ -17,16 +17,23 @@ async fn vcpu_threads(run: &Run) -> ApiResult<Vec<VcpuThread>> {
     }
 }
 
-/// Threads of the VMM that are not vCPUs: the emulator threads.
-fn emulator_threads(run: &Run) -> Vec<i32> {
+/// Every thread of the VMM (`/proc/PID/task`) that is not one of `vcpus`: the emulator
+/// threads (main, control, serial, device workers).
+fn emulator_threads(run: &Run, vcpus: &[VcpuThread]) -> Vec<i32> {
     host::threads(run.pid)
         .into_iter()
-        .filter(|(_, name)| !name.starts_with("vcpu"))
         .map(|(tid, _)| tid)
+        .filter(|tid| !vcpus.iter().any(|v| v.tid == *tid))
         .collect()
 }
 
 fn set(tid: i32, cpus: &CpuSet, what: &str) -> ApiResult<()> {
+    if tid <= 0 {
+        // Thread id 0 would be the caller (the daemon) itself.
+        return Err(ApiError::failed(format!(
+            "the VMM reported no thread id for {what}; not pinned"
+        )));
+    }
     host::set_affinity(tid, cpus).map_err(|e| {
         ApiError::failed(format!(
             "cannot set the affinity of {what} (thread {tid}): {e}"
@@ -35,8 +42,10 @@ fn set(tid: i32, cpus: &CpuSet, what: &str) -> ApiResult<()> {
 }
 
 impl Manager {
-    /// Applies `<cputune>` and `<vcpu cpuset>` at start. Failures are logged, not fatal: the VM
-    /// runs, unpinned, as libvirt would after a cgroup error.
+    /// Applies `<cputune>` and `<vcpu cpuset>` at start, while the VMM is still paused (it
+    /// starts with `start_paused`), so no vCPU runs unpinned and threads the VMM starts later
+    /// inherit the emulator affinity. Failures are logged, not fatal: the VM runs, unpinned,
+    /// as libvirt would after a cgroup error.
     pub async fn apply_cputune(&self, run: &Run, def: &DomainDef) {
         if def.vcpupin.is_empty() && def.emulatorpin.is_none() && def.vcpu_cpuset.is_none() {
             return;
@@ -54,10 +63,17 @@ impl Manager {
                 }
             }
             if let Some(cpus) = def.emulatorpin.as_ref().or(def.vcpu_cpuset.as_ref()) {
-                for tid in emulator_threads(run) {
+                for tid in emulator_threads(run, &threads) {
                     set(tid, cpus, "the emulator")?;
                 }
             }
+            self.log(
+                &run.name,
+                &format!(
+                    "cputune applied to {} vCPU threads while paused",
+                    threads.len()
+                ),
+            );
             Ok(())
         }
         .await;
@@ -143,7 +159,8 @@ impl Manager {
         let cpus = self.parse_cpuset(cpuset)?;
         let (run, config) = Self::scope(&slot, scope)?;
         if let Some(run) = run {
-            for tid in emulator_threads(&run) {
+            let vcpus = vcpu_threads(&run).await?;
+            for tid in emulator_threads(&run, &vcpus) {
                 set(tid, &cpus, "the emulator")?;
             }
         }

@@ -86,8 +86,15 @@ fn virt_install_file_is_read_fully() {
     assert_eq!(def.rng.as_deref(), Some("virtio"));
     assert_eq!((def.serials, def.consoles), (1, 1));
     assert_eq!(def.boot, vec!["hd"]);
-    // The guest-agent channel is unknown to rvirt, and the balloon is kept but not applied: one
-    // warning each.
+    assert!(def.has_balloon());
+    assert_eq!(def.balloon_stats_period, None);
+    assert_eq!(
+        def.disks[0].alias, "virtio-disk0",
+        "libvirt's default alias"
+    );
+    assert_eq!(def.interfaces[0].alias, "net0");
+    // The guest-agent channel is unknown to rvirt, and cache='none' (O_DIRECT) cannot be
+    // applied yet: one warning each. The virtio balloon is passed to the VMM: no warning.
     assert_eq!(d.warnings.len(), 2, "{:#?}", d.warnings);
     assert!(
         d.warnings[0].contains("devices/channel"),
@@ -95,7 +102,7 @@ fn virt_install_file_is_read_fully() {
         d.warnings
     );
     assert!(
-        d.warnings[1].contains("<memballoon model='virtio'> is kept but not applied"),
+        d.warnings[1].contains("<driver cache='none'> of disk vda needs O_DIRECT"),
         "{:?}",
         d.warnings
     );
@@ -104,13 +111,20 @@ fn virt_install_file_is_read_fully() {
 #[test]
 fn pinning_and_hugepages_are_read() {
     let d = load("pinned-hugepages.xml");
+    // Hugepages are passed to the VMM now; what cannot be applied is still said.
+    assert!(
+        !d.warnings.iter().any(|w| w.contains("hugepages")),
+        "{:?}",
+        d.warnings
+    );
     assert!(
         d.warnings
             .iter()
-            .any(|w| w.contains("<hugepages/> is kept but not applied")),
-        "hugepages are not silently ignored: {:?}",
+            .any(|w| w.contains("<memballoon model='none'/> gives no balloon")),
+        "currentMemory without a balloon is not silently ignored: {:?}",
         d.warnings
     );
+    assert!(!d.def.has_balloon());
     let def = d.def;
     assert_eq!(def.memory_kib, 4 << 20);
     assert_eq!(def.current_memory_kib, 3 << 20);
@@ -151,7 +165,6 @@ fn unknown_elements_are_kept_and_warned_once() {
         "blkiotune",
         "sysinfo",
         "os/smbios",
-        "devices/disk/serial",
         "devices/panic",
         "qemu:commandline",
     ] {
@@ -162,6 +175,9 @@ fn unknown_elements_are_kept_and_warned_once() {
     }
     // Children of an unknown element are not warned about separately.
     assert!(!w.contains("sysinfo/system"), "{w}");
+    // A disk's <serial> is passed to the VMM now.
+    assert!(!w.contains("devices/disk/serial"), "{w}");
+    assert_eq!(d.def.disks[0].serial.as_deref(), Some("DISK-0001"));
     let dumped = d.to_xml();
     assert!(
         dumped.contains("<entry name='serial'>ABC-123</entry>"),
@@ -273,13 +289,11 @@ fn live_virsh_dumpxml_is_accepted_with_few_warnings() {
     );
     // Runtime-only details (aliases, pty paths, backingStore, seclabel) are not warned about.
     let w = d.warnings.join("\n");
-    assert_eq!(d.warnings.len(), 3, "{w}");
-    assert!(
-        w.contains("<devices/audio>")
-            && w.contains("<devices/memballoon/stats>")
-            && w.contains("<memballoon model='virtio'> is kept but not applied"),
-        "{w}"
-    );
+    assert_eq!(d.warnings.len(), 1, "{w}");
+    assert!(w.contains("<devices/audio>"), "{w}");
+    assert_eq!(def.balloon_stats_period, Some(5));
+    assert_eq!(def.disks[0].alias, "virtio-disk0");
+    assert_eq!(def.interfaces[0].alias, "net0");
 }
 
 #[test]

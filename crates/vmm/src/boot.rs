@@ -72,7 +72,11 @@ fn is_elf(f: &mut File) -> Result<bool> {
 /// Load the kernel, initrd, command line and boot information. `rsdp` is the ACPI RSDP address
 /// if tables were written.
 pub fn load(cfg: &VmConfig, mem: &GuestMem, rsdp: Option<u64>) -> Result<BootEntry> {
-    let kpath = &cfg.kernel;
+    let crate::cli::BootConfig::Kernel {
+        kernel: kpath,
+        initrd: initrd_path,
+        cmdline,
+    } = &cfg.boot;
     let mut f = File::open(kpath).with_context(|| {
         format!(
             "--kernel {}: cannot open; check the path and permissions",
@@ -99,17 +103,17 @@ pub fn load(cfg: &VmConfig, mem: &GuestMem, rsdp: Option<u64>) -> Result<BootEnt
     let kernel_end = res.kernel_end;
 
     // Command line.
-    let mut cmd = cfg.cmdline.clone().into_bytes();
+    let mut cmd = cmdline.clone().into_bytes();
     cmd.push(0);
     mem.write_slice(&cmd, GuestAddress(CMDLINE))
         .context("cannot write the command line to guest memory")?;
 
     // Initrd: as high as possible below min(low RAM top, initrd_addr_max).
     let mut initrd: Option<(u64, u64)> = None;
-    if let Some(ipath) = &cfg.initrd {
+    if let Some(ipath) = initrd_path {
         let data = std::fs::read(ipath)
             .with_context(|| format!("--initrd {}: cannot read", ipath.display()))?;
-        let mut max = low_ram_top(cfg.memory);
+        let mut max = low_ram_top(cfg.memory.size);
         if let Some(h) = &res.setup_header {
             if h.initrd_addr_max != 0 {
                 max = max.min(u64::from(h.initrd_addr_max) + 1);
@@ -129,7 +133,7 @@ pub fn load(cfg: &VmConfig, mem: &GuestMem, rsdp: Option<u64>) -> Result<BootEnt
         initrd = Some((addr, size));
     }
 
-    let e820 = e820_map(cfg.memory);
+    let e820 = e820_map(cfg.memory.size);
     match res.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) if elf => {
             let mut si = hvm_start_info {

@@ -1,42 +1,110 @@
-//! Command line of `rvirt-vmm` and its validation into a [`VmConfig`].
+//! Command line of `rvirt-vmm`: two front ends, one [`VmConfig`].
+//!
+//! Either the VM-describing flags (`--kernel`, `--memory`, `--disk` ...) or `--config FILE`
+//! (the same struct as JSON, which is what rvirtd writes) build a
+//! [`rvirt_api::vmm_config::VmConfig`]; [`validate`] then checks it the same way for both.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+pub use rvirt_api::vmm_config::{
+    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskConfig, DiskFormat, MemoryBacking,
+    MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
+};
+
+/// The old name of [`SerialConfig`] (same variants).
+pub type SerialMode = SerialConfig;
+
+/// Flags that describe the VM: `--config` replaces all of them.
+const VM_FLAGS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "cmdline",
+    "memory",
+    "cpus",
+    "max_cpus",
+    "disk",
+    "net",
+    "serial",
+    "balloon",
+    "start_paused",
+    "no_rng",
+    "api_socket",
+    "name",
+];
+
+/// Kernel command line when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Guest RAM when `--memory` is not given.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Smallest guest RAM accepted (16 MiB).
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest RAM accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most vCPUs (boot or hotplug maximum) accepted.
+pub const MAX_VCPUS: u32 = 254;
+/// Longest disk serial (virtio-blk's ID field).
+pub const MAX_DISK_SERIAL: usize = 20;
+
 /// rvirt's virtual machine monitor: runs one VM on /dev/kvm.
+///
+/// The VM is described either by the flags below or by `--config FILE` (JSON, the
+/// rvirt_api::vmm_config::VmConfig struct; see docs/vmm.md), not both.
 ///
 /// Exit status: 0 guest powered off (or quit via the control socket), 1 VMM error,
 /// 2 usage error, 3 guest reboot, 4 guest crash (triple fault).
 #[derive(Parser, Debug)]
 #[command(name = "rvirt-vmm", version, about, long_about = None, args_override_self = true)]
 pub struct Args {
+    /// The whole VM configuration as a JSON file (what rvirtd writes); excludes every other
+    /// flag.
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    pub config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux (PVH entry or 64-bit boot protocol) or bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
-    pub cmdline: String,
-    /// Guest RAM, e.g. 512M, 1G, or a number of MiB.
-    #[arg(long, default_value = "512M")]
-    pub memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
-    /// Disk: path=FILE[,format=raw|qcow2][,readonly=on]. Repeatable.
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest RAM (the memory map's size), e.g. 512M, 1G, or a number of MiB [default: 512M].
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Number of vCPUs running at boot [default: 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Most vCPUs the VM can have (hotplug maximum) [default: --cpus].
+    #[arg(long, value_name = "N")]
+    pub max_cpus: Option<u32>,
+    /// Disk: path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=S][,id=ID], MODE
+    /// one of none, writeback (default), writethrough, directsync, unsafe. Repeatable. A path
+    /// with ',' needs --config.
     #[arg(long)]
     pub disk: Vec<String>,
-    /// Network interface: tap=NAME[,mac=52:54:00:xx:xx:xx]. Repeatable.
+    /// Network interface: tap=NAME[,mac=52:54:00:xx:xx:xx][,id=ID]. Repeatable.
     #[arg(long)]
     pub net: Vec<String>,
-    /// Serial console (COM1): stdio, pty, socket=PATH or none. With stdio on a terminal, the
-    /// terminal is in raw mode (Ctrl-C goes to the guest) until exit; Ctrl-A x quits.
-    #[arg(long, default_value = "stdio")]
-    pub serial: String,
+    /// Serial console (COM1): stdio, pty, socket=PATH or none [default: stdio]. With stdio on a
+    /// terminal, the terminal is in raw mode (Ctrl-C goes to the guest) until exit; Ctrl-A x
+    /// quits.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Add a virtio balloon:
+    /// [deflate_on_oom=on][,free_page_reporting=on][,stats_period=SECS][,current=SIZE];
+    /// current= is the balloon target at start (the guest starts with that much usable RAM).
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub balloon: Option<String>,
+    /// Start with the vCPUs stopped; `resume` on the control socket starts them.
+    #[arg(long)]
+    pub start_paused: bool,
+    /// No virtio entropy device.
+    #[arg(long)]
+    pub no_rng: bool,
     /// Control socket (JSON lines, see rvirt_api::vmm).
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -45,50 +113,9 @@ pub struct Args {
     pub name: Option<String>,
 }
 
-/// Where COM1 goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialMode {
-    Stdio,
-    Pty,
-    Socket(PathBuf),
-    None,
-}
-
-/// A disk to attach.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub format: Option<rvirt_image::Format>,
-    pub readonly: bool,
-}
-
-/// A NIC to attach.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap: String,
-    pub mac: [u8; 6],
-}
-
-/// Validated VM configuration.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub memory: u64,
-    pub cpus: u32,
-    pub disks: Vec<DiskConfig>,
-    pub nets: Vec<NetConfig>,
-    pub serial: SerialMode,
-    pub api_socket: Option<PathBuf>,
-    pub name: Option<String>,
-}
-
-/// Largest guest RAM accepted (1 TiB).
-pub const MAX_MEMORY: u64 = 1 << 40;
-
-/// Parse a memory size: `512M`, `1G`, `2048` (MiB), `1T`, `65536K`.
-pub fn parse_memory(s: &str) -> Result<u64> {
+/// Parses a size: `512M`, `1G`, `2048` (MiB), `1T`, `65536K`. `what` names the setting in
+/// errors.
+pub fn parse_size(s: &str, what: &str) -> Result<u64> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1u64 << 20),
@@ -100,7 +127,7 @@ pub fn parse_memory(s: &str) -> Result<u64> {
                 "g" | "gib" | "gb" => 1 << 30,
                 "t" | "tib" | "tb" => 1 << 40,
                 _ => bail!(
-                    "--memory {s:?}: unknown unit {:?}; use e.g. 512M or 2G",
+                    "{what} {s:?}: unknown unit {:?}; use e.g. 512M or 2G",
                     &t[i..]
                 ),
             };
@@ -109,17 +136,23 @@ pub fn parse_memory(s: &str) -> Result<u64> {
     };
     let n: u64 = num
         .parse()
-        .with_context(|| format!("--memory {s:?}: not a size; use e.g. 512M or 2G"))?;
+        .with_context(|| format!("{what} {s:?}: not a size; use e.g. 512M or 2G"))?;
     let bytes = n
         .checked_mul(mult)
-        .with_context(|| format!("--memory {s:?} is too big"))?;
-    if bytes < (16 << 20) {
+        .with_context(|| format!("{what} {s:?} is too big"))?;
+    Ok(bytes & !0xfff)
+}
+
+/// Parses `--memory`: a size from 16M to 1T, rounded down to 4 KiB.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let bytes = parse_size(s, "--memory")?;
+    if bytes < MIN_MEMORY {
         bail!("--memory {s:?} is too small: give at least 16M");
     }
     if bytes > MAX_MEMORY {
         bail!("--memory {s:?} is too big: at most 1T is supported");
     }
-    Ok(bytes & !0xfff)
+    Ok(bytes)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6]> {
@@ -135,6 +168,18 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The MAC of NIC `index` when none is given: 52:54:00:12:34:(56+index), as always.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ]
+}
+
 fn kv(spec: &str) -> Vec<(String, String)> {
     spec.split(',')
         .filter(|p| !p.is_empty())
@@ -145,133 +190,419 @@ fn kv(spec: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Parse `path=FILE[,format=raw|qcow2][,readonly=on]`.
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" | "" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=S][,id=ID]`.
+/// Whether the file exists is checked by [`validate`].
 pub fn parse_disk(spec: &str) -> Result<DiskConfig> {
+    let mut d = DiskConfig {
+        path: PathBuf::new(),
+        format: None,
+        readonly: false,
+        cache: CacheMode::default(),
+        serial: None,
+        id: None,
+    };
     let mut path = None;
-    let mut format = None;
-    let mut readonly = false;
     for (k, v) in kv(spec) {
         match k.as_str() {
             "path" => path = Some(PathBuf::from(v)),
             "format" => {
-                format = Some(match v.as_str() {
-                    "raw" => rvirt_image::Format::Raw,
-                    "qcow2" => rvirt_image::Format::Qcow2,
+                d.format = Some(match v.as_str() {
+                    "raw" => DiskFormat::Raw,
+                    "qcow2" => DiskFormat::Qcow2,
                     _ => bail!("--disk {spec:?}: format must be raw or qcow2, not {v:?}"),
                 })
             }
             "readonly" => {
-                readonly = match v.as_str() {
-                    "on" | "true" | "yes" | "1" | "" => true,
-                    "off" | "false" | "no" | "0" => false,
-                    _ => bail!("--disk {spec:?}: readonly must be on or off"),
-                }
+                d.readonly = on_off(&v)
+                    .with_context(|| format!("--disk {spec:?}: readonly must be on or off"))?
             }
-            _ => bail!("--disk {spec:?}: unknown key {k:?}; use path=,format=,readonly="),
+            "cache" => {
+                d.cache = CacheMode::parse(&v).with_context(|| {
+                    format!(
+                        "--disk {spec:?}: cache must be none, writeback, writethrough, \
+                         directsync or unsafe, not {v:?}"
+                    )
+                })?
+            }
+            "serial" => d.serial = Some(v),
+            "id" => d.id = Some(v),
+            _ => bail!(
+                "--disk {spec:?}: unknown key {k:?}; use path=,format=,readonly=,cache=,serial=,id="
+            ),
         }
     }
-    let path = path.with_context(|| format!("--disk {spec:?}: path=FILE is required"))?;
-    if !path.exists() {
-        bail!(
-            "--disk: disk image {} does not exist; create it (rvirt-img create) or fix the path",
-            path.display()
-        );
-    }
-    Ok(DiskConfig {
-        path,
-        format,
-        readonly,
-    })
+    d.path = path.with_context(|| format!("--disk {spec:?}: path=FILE is required"))?;
+    Ok(d)
 }
 
-/// Parse `tap=NAME[,mac=M]`.
-pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig> {
+/// Parses `tap=NAME[,mac=M][,id=ID]`; without mac= the VMM picks [`default_mac`].
+pub fn parse_net(spec: &str) -> Result<NetConfig> {
     let mut tap = None;
-    let mut mac = [
-        0x52,
-        0x54,
-        0x00,
-        0x12,
-        0x34,
-        0x56u8.wrapping_add(index as u8),
-    ];
+    let mut mac = None;
+    let mut id = None;
     for (k, v) in kv(spec) {
         match k.as_str() {
             "tap" => tap = Some(v),
-            "mac" => mac = parse_mac(&v).with_context(|| format!("--net {spec:?}"))?,
-            _ => bail!("--net {spec:?}: unknown key {k:?}; use tap=NAME,mac=M"),
+            "mac" => mac = Some(parse_mac(&v).with_context(|| format!("--net {spec:?}"))?),
+            "id" => id = Some(v),
+            _ => bail!("--net {spec:?}: unknown key {k:?}; use tap=NAME,mac=M,id=ID"),
         }
     }
     let tap = tap.with_context(|| format!("--net {spec:?}: tap=NAME is required"))?;
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig { tap, mac, id })
 }
 
-/// Parse `stdio|pty|socket=PATH|none`.
-pub fn parse_serial(s: &str) -> Result<SerialMode> {
+/// Parses `stdio|pty|socket=PATH|none`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig> {
     Ok(match s {
-        "stdio" => SerialMode::Stdio,
-        "pty" => SerialMode::Pty,
-        "none" | "null" => SerialMode::None,
+        "stdio" => SerialConfig::Stdio,
+        "pty" => SerialConfig::Pty,
+        "none" | "null" => SerialConfig::None,
         _ => match s.strip_prefix("socket=") {
-            Some(p) if !p.is_empty() => SerialMode::Socket(PathBuf::from(p)),
+            Some(p) if !p.is_empty() => SerialConfig::Socket(PathBuf::from(p)),
             _ => bail!("--serial {s:?}: use stdio, pty, socket=PATH or none"),
         },
     })
 }
 
-impl VmConfig {
-    /// Validate the command line.
-    pub fn from_args(a: &Args) -> Result<VmConfig> {
-        if !a.kernel.is_file() {
+/// Parses `--balloon [deflate_on_oom=on][,free_page_reporting=on][,stats_period=N][,current=SIZE]`
+/// into the balloon and the start target (`current=`).
+pub fn parse_balloon(spec: &str) -> Result<(BalloonConfig, Option<u64>)> {
+    let mut b = BalloonConfig::default();
+    let mut current = None;
+    for (k, v) in kv(spec) {
+        let flag = |v: &str| {
+            on_off(v).with_context(|| format!("--balloon {spec:?}: {k} must be on or off"))
+        };
+        match k.as_str() {
+            "deflate_on_oom" => b.deflate_on_oom = flag(&v)?,
+            "free_page_reporting" => b.free_page_reporting = flag(&v)?,
+            "stats_period" => {
+                b.stats_period = v.parse().with_context(|| {
+                    format!("--balloon {spec:?}: stats_period must be a number of seconds")
+                })?
+            }
+            "current" => current = Some(parse_size(&v, "--balloon current=")?),
+            _ => bail!(
+                "--balloon {spec:?}: unknown key {k:?}; use deflate_on_oom=,free_page_reporting=,\
+                 stats_period=,current="
+            ),
+        }
+    }
+    Ok((b, current))
+}
+
+/// Reads a `--config` file (JSON [`VmConfig`]); it is validated by [`from_args`].
+pub fn load_config(path: &Path) -> Result<VmConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--config {}: cannot read the file", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--config {}: not a valid VM configuration (JSON, see docs/vmm.md); fix the field named",
+            path.display()
+        )
+    })
+}
+
+fn config_from_flags(a: &Args) -> Result<VmConfig> {
+    let kernel = a
+        .kernel
+        .clone()
+        .context("--kernel is required (or give the whole VM with --config FILE)")?;
+    let (balloon, current) = match &a.balloon {
+        Some(spec) => {
+            let (b, c) = parse_balloon(spec)?;
+            (Some(b), c)
+        }
+        None => (None, None),
+    };
+    let size = match &a.memory {
+        Some(m) => parse_memory(m)?,
+        None => DEFAULT_MEMORY,
+    };
+    Ok(VmConfig {
+        name: a.name.clone(),
+        boot: BootConfig::Kernel {
+            kernel,
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+        },
+        memory: MemoryConfig {
+            size,
+            current,
+            backing: MemoryBacking::default(),
+        },
+        cpus: CpuConfig {
+            boot: a.cpus.unwrap_or(1),
+            max: a.max_cpus,
+        },
+        disks: a
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<_>>()?,
+        nets: a.net.iter().map(|n| parse_net(n)).collect::<Result<_>>()?,
+        serial: match &a.serial {
+            Some(s) => parse_serial(s)?,
+            None => SerialConfig::Stdio,
+        },
+        balloon,
+        rng: !a.no_rng,
+        api_socket: a.api_socket.clone(),
+        start_paused: a.start_paused,
+        emulator_affinity: None,
+        vcpu_affinity: Vec::new(),
+    })
+}
+
+/// Builds the configuration from the command line (flags or `--config`) and validates it.
+pub fn from_args(a: &Args) -> Result<VmConfig> {
+    let cfg = match &a.config {
+        Some(path) => load_config(path)?,
+        None => config_from_flags(a)?,
+    };
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Checks a configuration, whichever front end built it. Each error names the setting as both
+/// spell it (JSON field, flag) and says what to do.
+pub fn validate(cfg: &VmConfig) -> Result<()> {
+    let BootConfig::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    } = &cfg.boot;
+    if !kernel.is_file() {
+        bail!(
+            "kernel {} (boot.kernel, --kernel): no such file; give the path of a vmlinux (ELF) or bzImage",
+            kernel.display()
+        );
+    }
+    if let Some(i) = initrd {
+        if !i.is_file() {
             bail!(
-                "--kernel {}: no such file; give the path of a vmlinux (ELF) or bzImage",
-                a.kernel.display()
+                "initrd {} (boot.initrd, --initrd): no such file; fix the path",
+                i.display()
             );
         }
-        if let Some(i) = &a.initrd {
-            if !i.is_file() {
-                bail!("--initrd {}: no such file; fix the path", i.display());
+    }
+    if cmdline.len() >= crate::layout::CMDLINE_MAX {
+        bail!(
+            "the kernel command line (boot.cmdline, --cmdline) is {} bytes long: at most {} are supported",
+            cmdline.len(),
+            crate::layout::CMDLINE_MAX - 1
+        );
+    }
+    if cmdline.contains('\0') {
+        bail!("the kernel command line (boot.cmdline, --cmdline) contains a NUL byte; remove it");
+    }
+
+    let boot = cfg.cpus.boot;
+    if boot == 0 {
+        bail!("cpus.boot (--cpus) is 0: a VM needs at least one vCPU");
+    }
+    if boot > MAX_VCPUS {
+        bail!("cpus.boot (--cpus) is {boot}: at most {MAX_VCPUS} vCPUs are supported");
+    }
+    if let Some(max) = cfg.cpus.max {
+        if max < boot {
+            bail!(
+                "cpus.max (--max-cpus) {max} is below cpus.boot (--cpus) {boot}: give a maximum of at least {boot}"
+            );
+        }
+        if max > MAX_VCPUS {
+            bail!("cpus.max (--max-cpus) is {max}: at most {MAX_VCPUS} vCPUs are supported");
+        }
+    }
+
+    let mem = &cfg.memory;
+    let mib = |b: u64| b >> 20;
+    if mem.size < MIN_MEMORY || mem.size > MAX_MEMORY {
+        bail!(
+            "memory.size (--memory) is {} MiB: give 16 MiB to 1 TiB",
+            mib(mem.size)
+        );
+    }
+    if !mem.size.is_multiple_of(4096) {
+        bail!(
+            "memory.size (--memory) {} bytes is not a multiple of 4 KiB; round it",
+            mem.size
+        );
+    }
+    if let Some(cur) = mem.current {
+        if cur > mem.size {
+            bail!(
+                "memory.current (--balloon current=) {} MiB is above memory.size (--memory) {} MiB: \
+                 the balloon can only take memory away; lower it or raise the size",
+                mib(cur),
+                mib(mem.size)
+            );
+        }
+        if cur < MIN_MEMORY {
+            bail!(
+                "memory.current (--balloon current=) is {} MiB: give at least 16 MiB",
+                mib(cur)
+            );
+        }
+        if cur % 4096 != 0 {
+            bail!(
+                "memory.current (--balloon current=) {cur} bytes is not a multiple of 4 KiB; round it"
+            );
+        }
+        if cur < mem.size && cfg.balloon.is_none() {
+            bail!(
+                "memory.current {} MiB is below memory.size {} MiB but there is no balloon to hold \
+                 the difference: add a balloon (\"balloon\": {{}}, --balloon) or drop memory.current",
+                mib(cur),
+                mib(mem.size)
+            );
+        }
+    }
+    if mem.backing.shared && !(mem.backing.memfd || mem.backing.hugepages) {
+        bail!(
+            "memory.backing.shared needs memfd or hugepages backing (anonymous private memory \
+             cannot be shared): set memory.backing.memfd"
+        );
+    }
+
+    let mut ids = HashSet::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        if d.path.as_os_str().is_empty() {
+            bail!("disks[{i}].path (--disk path=) is empty; give the image file");
+        }
+        if !d.path.exists() {
+            bail!(
+                "disks[{i}].path (--disk path=): disk image {} does not exist; create it (rvirt-img create) or fix the path",
+                d.path.display()
+            );
+        }
+        if let Some(s) = &d.serial {
+            if s.len() > MAX_DISK_SERIAL {
+                bail!(
+                    "disks[{i}].serial (--disk serial=) {s:?} is {} bytes: virtio-blk serials are at most {MAX_DISK_SERIAL} bytes; shorten it",
+                    s.len()
+                );
+            }
+            if let Some(c) = s.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+                bail!(
+                    "disks[{i}].serial (--disk serial=) {s:?} contains {c:?}: use printable ASCII"
+                );
             }
         }
-        if a.cpus == 0 {
-            bail!("--cpus 0: a VM needs at least one vCPU");
+        if let Some(id) = &d.id {
+            check_id(id, &format!("disks[{i}].id (--disk id=)"), &mut ids)?;
         }
-        if a.cpus > 254 {
-            bail!("--cpus {}: at most 254 vCPUs are supported", a.cpus);
-        }
-        if a.cmdline.len() >= crate::layout::CMDLINE_MAX {
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ', '\0']) {
             bail!(
-                "--cmdline is too long: at most {} bytes",
-                crate::layout::CMDLINE_MAX - 1
+                "nets[{i}].tap (--net tap=) {:?} is not an interface name: give 1 to 15 characters without '/' or spaces",
+                n.tap
             );
         }
-        Ok(VmConfig {
-            kernel: a.kernel.clone(),
-            initrd: a.initrd.clone(),
-            cmdline: a.cmdline.clone(),
-            memory: parse_memory(&a.memory)?,
-            cpus: a.cpus,
-            disks: a
-                .disk
-                .iter()
-                .map(|d| parse_disk(d))
-                .collect::<Result<_>>()?,
-            nets: a
-                .net
-                .iter()
-                .enumerate()
-                .map(|(i, n)| parse_net(n, i))
-                .collect::<Result<_>>()?,
-            serial: parse_serial(&a.serial)?,
-            api_socket: a.api_socket.clone(),
-            name: a.name.clone(),
-        })
+        if let Some(mac) = n.mac {
+            if mac[0] & 1 != 0 {
+                bail!(
+                    "nets[{i}].mac (--net mac=) {}: a multicast address cannot be a NIC's; clear the low bit of the first byte (e.g. 52:54:00:...)",
+                    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+                );
+            }
+        }
+        if let Some(id) = &n.id {
+            check_id(id, &format!("nets[{i}].id (--net id=)"), &mut ids)?;
+        }
     }
+    if let SerialConfig::Socket(p) = &cfg.serial {
+        if p.as_os_str().is_empty() {
+            bail!("serial socket path (--serial socket=) is empty; give a path");
+        }
+    }
+    if let Some(cpus) = &cfg.emulator_affinity {
+        check_cpus(cpus, "emulator_affinity")?;
+    }
+    let max = cfg.cpus.max();
+    let mut seen = HashSet::new();
+    for a in &cfg.vcpu_affinity {
+        if a.vcpu >= max {
+            bail!(
+                "vcpu_affinity for vCPU {}: the VM has vCPUs 0-{}; drop it or raise cpus.max",
+                a.vcpu,
+                max - 1
+            );
+        }
+        if !seen.insert(a.vcpu) {
+            bail!("vcpu_affinity lists vCPU {} twice; keep one entry", a.vcpu);
+        }
+        check_cpus(&a.cpus, &format!("vcpu_affinity of vCPU {}", a.vcpu))?;
+    }
+    Ok(())
+}
+
+fn check_id(id: &str, what: &str, ids: &mut HashSet<String>) -> Result<()> {
+    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("{what} {id:?}: give a non-empty id without spaces");
+    }
+    if !ids.insert(id.to_string()) {
+        bail!("{what} {id:?} is already used by another device; device ids must be unique");
+    }
+    Ok(())
+}
+
+fn check_cpus(cpus: &[usize], what: &str) -> Result<()> {
+    if cpus.is_empty() {
+        bail!("{what} is an empty CPU list; give at least one host CPU or leave it out");
+    }
+    if let Some(c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+        bail!(
+            "{what}: host CPU {c} is beyond the {} CPUs an affinity mask can hold",
+            libc::CPU_SETSIZE
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    fn args(a: &[&str]) -> std::result::Result<Args, clap::Error> {
+        let mut v = vec!["rvirt-vmm"];
+        v.extend_from_slice(a);
+        Args::try_parse_from(v)
+    }
+
+    fn cfg(a: &[&str]) -> Result<VmConfig> {
+        from_args(&args(a).map_err(|e| anyhow::anyhow!("{e}"))?)
+    }
+
+    struct Files {
+        dir: tempfile::TempDir,
+        kernel: String,
+        disk: String,
+    }
+
+    fn files() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, [0u8; 512]).unwrap();
+        Files {
+            kernel: kernel.display().to_string(),
+            disk: disk.display().to_string(),
+            dir,
+        }
+    }
 
     #[test]
     fn memory_sizes() {
@@ -294,21 +625,347 @@ mod tests {
             SerialMode::Socket("/tmp/x".into())
         );
         assert!(parse_serial("file").is_err());
-        let n = parse_net("tap=t0,mac=52:54:00:aa:bb:cc", 0).unwrap();
+        let n = parse_net("tap=t0,mac=52:54:00:aa:bb:cc,id=net0").unwrap();
         assert_eq!(n.tap, "t0");
-        assert_eq!(n.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
-        assert!(parse_net("mac=52:54:00:aa:bb:cc", 0).is_err());
-        assert!(parse_net("tap=t,mac=zz", 0).is_err());
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(n.id.as_deref(), Some("net0"));
+        assert_eq!(parse_net("tap=t1").unwrap().mac, None);
+        assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert!(parse_net("mac=52:54:00:aa:bb:cc").is_err());
+        assert!(parse_net("tap=t,mac=zz").is_err());
+        assert!(parse_net("tap=t,queues=2").is_err());
     }
 
     #[test]
     fn disk_specs() {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        let p = f.path().display().to_string();
-        let d = parse_disk(&format!("path={p},format=raw,readonly=on")).unwrap();
+        let d =
+            parse_disk("path=/x.img,format=raw,readonly=on,cache=none,serial=SN 1,id=virtio-disk0")
+                .unwrap();
+        assert_eq!(d.path, PathBuf::from("/x.img"));
         assert!(d.readonly);
-        assert_eq!(d.format, Some(rvirt_image::Format::Raw));
-        assert!(parse_disk("path=/nonexistent/disk.img").is_err());
-        assert!(parse_disk(&format!("path={p},format=vmdk")).is_err());
+        assert_eq!(d.format, Some(DiskFormat::Raw));
+        assert_eq!(d.cache, CacheMode::None);
+        assert_eq!(d.serial.as_deref(), Some("SN 1"));
+        assert_eq!(d.id.as_deref(), Some("virtio-disk0"));
+        for (m, c) in [
+            ("writeback", CacheMode::Writeback),
+            ("writethrough", CacheMode::Writethrough),
+            ("directsync", CacheMode::Directsync),
+            ("unsafe", CacheMode::Unsafe),
+        ] {
+            assert_eq!(parse_disk(&format!("path=/x,cache={m}")).unwrap().cache, c);
+        }
+        assert_eq!(parse_disk("path=/x").unwrap().cache, CacheMode::Writeback);
+        assert!(parse_disk("path=/x,cache=fast").is_err());
+        assert!(parse_disk("path=/x,format=vmdk").is_err());
+        assert!(parse_disk("format=raw").is_err());
+        assert!(parse_disk("path=/x,iothread=1").is_err());
+    }
+
+    #[test]
+    fn balloon_spec() {
+        let (b, cur) =
+            parse_balloon("deflate_on_oom=on,free_page_reporting=on,stats_period=5,current=256M")
+                .unwrap();
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        assert_eq!(b.stats_period, 5);
+        assert_eq!(cur, Some(256 << 20));
+        assert_eq!(parse_balloon("").unwrap(), (BalloonConfig::default(), None));
+        assert!(parse_balloon("stats_period=often").is_err());
+        assert!(parse_balloon("deflate_on_oom=maybe").is_err());
+        assert!(parse_balloon("size=1G").is_err());
+    }
+
+    #[test]
+    fn flags_build_the_config() {
+        let f = files();
+        let disk = format!("path={},format=qcow2,cache=unsafe,serial=S1,id=d0", f.disk);
+        let c = cfg(&[
+            "--kernel",
+            &f.kernel,
+            "--cmdline",
+            "console=hvc0",
+            "--memory",
+            "1G",
+            "--cpus",
+            "2",
+            "--max-cpus",
+            "4",
+            "--disk",
+            &disk,
+            "--net",
+            "tap=tap0,id=n0",
+            "--serial",
+            "socket=/run/s.sock",
+            "--balloon",
+            "stats_period=5,current=512M",
+            "--start-paused",
+            "--no-rng",
+            "--api-socket",
+            "/run/api.sock",
+            "--name",
+            "vm1",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.boot,
+            BootConfig::Kernel {
+                kernel: f.kernel.clone().into(),
+                initrd: None,
+                cmdline: "console=hvc0".into()
+            }
+        );
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(c.memory.current, Some(512 << 20));
+        assert_eq!(
+            c.cpus,
+            CpuConfig {
+                boot: 2,
+                max: Some(4)
+            }
+        );
+        assert_eq!(c.disks[0].format, Some(DiskFormat::Qcow2));
+        assert_eq!(c.disks[0].cache, CacheMode::Unsafe);
+        assert_eq!(c.nets[0].id.as_deref(), Some("n0"));
+        assert_eq!(c.serial, SerialConfig::Socket("/run/s.sock".into()));
+        assert_eq!(c.balloon.as_ref().unwrap().stats_period, 5);
+        assert!(c.start_paused && !c.rng);
+        assert_eq!(c.api_socket, Some("/run/api.sock".into()));
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+    }
+
+    #[test]
+    fn flag_defaults_are_unchanged() {
+        let f = files();
+        let c = cfg(&["--kernel", &f.kernel]).unwrap();
+        assert_eq!(
+            c.boot,
+            BootConfig::Kernel {
+                kernel: f.kernel.clone().into(),
+                initrd: None,
+                cmdline: DEFAULT_CMDLINE.into()
+            }
+        );
+        assert_eq!(c.memory.size, 512 << 20);
+        assert_eq!(c.memory.current, None);
+        assert_eq!(c.cpus, CpuConfig { boot: 1, max: None });
+        assert_eq!(c.serial, SerialConfig::Stdio);
+        assert!(c.balloon.is_none() && c.rng && !c.start_paused);
+        // --balloon alone: a balloon with every option off.
+        let c = cfg(&["--kernel", &f.kernel, "--balloon"]).unwrap();
+        assert_eq!(c.balloon, Some(BalloonConfig::default()));
+    }
+
+    fn write_json(dir: &Path, v: &serde_json::Value) -> PathBuf {
+        let p = dir.join("vm.json");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(v.to_string().as_bytes()).unwrap();
+        p
+    }
+
+    #[test]
+    fn config_file_builds_the_same_struct() {
+        let f = files();
+        let disk = format!("path={},cache=writethrough,id=d0", f.disk);
+        let from_flags = cfg(&[
+            "--kernel",
+            &f.kernel,
+            "--memory",
+            "256M",
+            "--cpus",
+            "2",
+            "--disk",
+            &disk,
+            "--serial",
+            "none",
+            "--api-socket",
+            "/run/a.sock",
+        ])
+        .unwrap();
+        let p = write_json(f.dir.path(), &serde_json::to_value(&from_flags).unwrap());
+        let from_file = cfg(&["--config", p.to_str().unwrap()]).unwrap();
+        assert_eq!(from_file, from_flags);
+        // A minimal file: defaults as documented.
+        let p = write_json(
+            f.dir.path(),
+            &serde_json::json!({
+                "boot": {"kind": "kernel", "kernel": f.kernel},
+                "memory": {"size": 268435456},
+                "cpus": {"boot": 1}
+            }),
+        );
+        let c = cfg(&["--config", p.to_str().unwrap()]).unwrap();
+        assert!(c.rng && c.disks.is_empty() && c.serial == SerialConfig::Stdio);
+    }
+
+    #[test]
+    fn config_file_disk_path_with_commas_and_spaces() {
+        // The old argv hand-over split `path=` at commas; a JSON string is just a string.
+        let f = files();
+        let odd = f.dir.path().join("my disk, v2,format=qcow2.img");
+        std::fs::write(&odd, [0u8; 512]).unwrap();
+        let p = write_json(
+            f.dir.path(),
+            &serde_json::json!({
+                "boot": {"kind": "kernel", "kernel": f.kernel},
+                "memory": {"size": 268435456},
+                "cpus": {"boot": 1},
+                "disks": [{"path": odd, "format": "raw"}]
+            }),
+        );
+        let c = cfg(&["--config", p.to_str().unwrap()]).unwrap();
+        assert_eq!(c.disks[0].path, odd);
+        assert_eq!(c.disks[0].format, Some(DiskFormat::Raw));
+    }
+
+    #[test]
+    fn config_conflicts_with_vm_flags() {
+        for extra in [
+            &["--kernel", "/k"][..],
+            &["--memory", "1G"],
+            &["--cpus", "2"],
+            &["--disk", "path=/x"],
+            &["--serial", "none"],
+            &["--balloon"],
+            &["--start-paused"],
+            &["--api-socket", "/a"],
+        ] {
+            let mut a = vec!["--config", "/c.json"];
+            a.extend_from_slice(extra);
+            let e = args(&a).expect_err("conflict refused");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{a:?}");
+        }
+        assert_eq!(
+            args(&[]).unwrap_err().kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "--kernel or --config is required"
+        );
+        assert!(args(&["--config", "/c.json"]).is_ok());
+    }
+
+    #[test]
+    fn config_file_errors_name_the_problem() {
+        let f = files();
+        let e = cfg(&["--config", "/nonexistent/vm.json"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        let p = write_json(
+            f.dir.path(),
+            &serde_json::json!({
+                "boot": {"kind": "kernel", "kernel": f.kernel},
+                "memory": {"size": 268435456},
+                "cpus": {"boot": 1},
+                "turbo": true
+            }),
+        );
+        let e = format!("{:#}", cfg(&["--config", p.to_str().unwrap()]).unwrap_err());
+        assert!(e.contains("turbo"), "{e}");
+    }
+
+    fn base(f: &Files) -> VmConfig {
+        cfg(&["--kernel", &f.kernel]).unwrap()
+    }
+
+    fn refused(c: &VmConfig, needle: &str) {
+        let e = validate(c).expect_err(needle).to_string();
+        assert!(e.contains(needle), "{needle:?} not in {e:?}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let f = files();
+        let mut c = base(&f);
+        c.boot = BootConfig::Kernel {
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        refused(&c, "boot.kernel");
+        let mut c = base(&f);
+        c.boot = BootConfig::Kernel {
+            kernel: f.kernel.clone().into(),
+            initrd: Some("/nonexistent/initrd".into()),
+            cmdline: String::new(),
+        };
+        refused(&c, "boot.initrd");
+        let mut c = base(&f);
+        c.boot = BootConfig::Kernel {
+            kernel: f.kernel.clone().into(),
+            initrd: None,
+            cmdline: "x".repeat(crate::layout::CMDLINE_MAX),
+        };
+        refused(&c, "boot.cmdline");
+        let mut c = base(&f);
+        c.cpus.boot = 0;
+        refused(&c, "cpus.boot");
+        c.cpus.boot = 255;
+        refused(&c, "at most 254");
+        c.cpus = CpuConfig {
+            boot: 4,
+            max: Some(2),
+        };
+        refused(&c, "cpus.max");
+        let mut c = base(&f);
+        c.memory.size = 1 << 20;
+        refused(&c, "memory.size");
+        c.memory.size = (256 << 20) + 1;
+        refused(&c, "multiple of 4 KiB");
+        let mut c = base(&f);
+        c.memory.current = Some(1 << 30);
+        refused(&c, "above memory.size");
+        c.memory.current = Some(256 << 20);
+        refused(&c, "no balloon");
+        c.balloon = Some(BalloonConfig::default());
+        validate(&c).unwrap();
+        let mut c = base(&f);
+        c.memory.backing.shared = true;
+        refused(&c, "memory.backing.shared");
+        c.memory.backing.memfd = true;
+        validate(&c).unwrap();
+        let disk = |id: Option<&str>, serial: Option<&str>| DiskConfig {
+            path: f.disk.clone().into(),
+            format: None,
+            readonly: false,
+            cache: CacheMode::Writeback,
+            serial: serial.map(Into::into),
+            id: id.map(Into::into),
+        };
+        let mut c = base(&f);
+        c.disks = vec![DiskConfig {
+            path: "/nonexistent/disk.img".into(),
+            ..disk(None, None)
+        }];
+        refused(&c, "disks[0].path");
+        c.disks = vec![disk(None, Some("123456789012345678901"))];
+        refused(&c, "at most 20 bytes");
+        c.disks = vec![disk(None, Some("bad\nserial"))];
+        refused(&c, "printable");
+        c.disks = vec![disk(Some("a"), None), disk(Some("a"), None)];
+        refused(&c, "disks[1].id");
+        c.disks = vec![disk(Some("net0"), Some("12345678901234567890"))];
+        c.nets = vec![NetConfig {
+            tap: "tap0".into(),
+            mac: None,
+            id: Some("net0".into()),
+        }];
+        refused(&c, "unique");
+        c.nets[0].id = None;
+        validate(&c).unwrap();
+        c.nets[0].mac = Some([0x53, 0, 0, 0, 0, 1]);
+        refused(&c, "multicast");
+        c.nets[0].mac = None;
+        c.nets[0].tap = "a-very-long-tap-name".into();
+        refused(&c, "nets[0].tap");
+        let mut c = base(&f);
+        c.vcpu_affinity = vec![VcpuAffinity {
+            vcpu: 1,
+            cpus: vec![0],
+        }];
+        refused(&c, "vCPUs 0-0");
+        c.cpus.max = Some(2);
+        validate(&c).unwrap();
+        c.emulator_affinity = Some(vec![]);
+        refused(&c, "emulator_affinity");
     }
 }

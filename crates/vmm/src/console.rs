@@ -15,7 +15,7 @@ use rvirt_api::vmm::ExitReason;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cli::SerialMode;
+use crate::cli::SerialConfig as SerialMode;
 use crate::legacy::serial::{Com1, IrqLine, SerialOut, Sink};
 use crate::messages::Mailbox;
 use crate::threads;

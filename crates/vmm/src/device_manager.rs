@@ -14,7 +14,7 @@ use rvirt_devices::{IoEventRegistry, MsiRouting};
 
 use crate::boot::GuestMem;
 use crate::bus::Bus;
-use crate::cli::{DiskConfig, NetConfig};
+use crate::cli::{DiskConfig, DiskFormat, NetConfig};
 use crate::exits::ExitHandler;
 use crate::interrupts::{IoEvents, Routing};
 use crate::layout::*;
@@ -149,25 +149,45 @@ impl DeviceManager {
         Ok(format!("{prefix}{n}"))
     }
 
-    /// Opens `d`'s image and adds a virtio-blk function for it.
+    /// Opens `d`'s image (with its cache mode) and adds a virtio-blk function for it.
     pub fn add_disk(&mut self, d: &DiskConfig) -> Result<(String, u8)> {
-        let id = self.unique_id(None, "virtio-disk")?;
+        let id = self.unique_id(d.id.as_ref(), "virtio-disk")?;
         let opts = rvirt_image::OpenOptions {
             read_only: d.readonly,
+            direct: d.cache.direct(),
             ..Default::default()
         };
-        let img = rvirt_image::open_image(&d.path, d.format, &opts)
-            .with_context(|| format!("--disk {}: cannot open the image", d.path.display()))?;
+        let format = d.format.map(|f| match f {
+            DiskFormat::Raw => rvirt_image::Format::Raw,
+            DiskFormat::Qcow2 => rvirt_image::Format::Qcow2,
+        });
+        let img = rvirt_image::open_image(&d.path, format, &opts).with_context(|| {
+            format!(
+                "disk {} (cache={}): cannot open the image",
+                d.path.display(),
+                d.cache.name()
+            )
+        })?;
         let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(img);
-        // The serial the guest reads (VIRTIO_BLK_T_GET_ID, /sys/block/vdX/serial): as before,
-        // diskN by position among the VM's disks.
-        let serial = format!(
-            "disk{}",
-            self.virtio.iter().filter(|e| e.kind == "block").count()
-        );
+        // The serial the guest reads (VIRTIO_BLK_T_GET_ID, /sys/block/vdX/serial): `serial`
+        // when given, else diskN by position among the VM's disks, as before.
+        let serial = d.serial.clone().unwrap_or_else(|| {
+            format!(
+                "disk{}",
+                self.virtio.iter().filter(|e| e.kind == "block").count()
+            )
+        });
         if !d.readonly {
+            // The exit flush goes to the image itself: it happens even with cache=unsafe.
             self.disks.push((d.path.clone(), img.clone()));
         }
+        let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(rvirt_image::Cached::new(
+            img,
+            rvirt_image::CachePolicy {
+                write_through: d.cache.write_through(),
+                ignore_flush: !d.cache.honours_flush(),
+            },
+        ));
         let blk = virtio::block::Block::new(
             img,
             &virtio::block::BlockConfig {
@@ -180,9 +200,11 @@ impl DeviceManager {
 
     /// Opens `n`'s TAP and adds a virtio-net function for it.
     pub fn add_net(&mut self, n: &NetConfig) -> Result<(String, u8)> {
-        let id = self.unique_id(None, "net")?;
+        let id = self.unique_id(n.id.as_ref(), "net")?;
         let tap = virtio::net::Tap::open(&n.tap).with_context(|| format!("--net tap={}", n.tap))?;
-        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac: n.mac });
+        let index = self.virtio.iter().filter(|e| e.kind == "net").count();
+        let mac = n.mac.unwrap_or_else(|| crate::cli::default_mac(index));
+        let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac });
         self.plug(Box::new(nic), id, Some(n.tap.clone()))
     }
 

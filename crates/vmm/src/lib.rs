@@ -57,7 +57,7 @@ pub fn run_main() -> ExitCode {
             });
         }
     };
-    match cli::VmConfig::from_args(&args).and_then(vmm::run) {
+    match cli::from_args(&args).and_then(vmm::run) {
         Ok(reason) => {
             eprintln!("rvirt-vmm: VM stopped: {reason:?}");
             ExitCode::from(reason.exit_code() as u8)

@@ -58,7 +58,7 @@ fn memfd(size: u64, huge: bool) -> Result<File> {
 /// Creates `ram` bytes of guest memory backed as `backing` asks.
 pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> {
     if backing.hugepages {
-        if ram % HUGE_PAGE != 0 {
+        if !ram.is_multiple_of(HUGE_PAGE) {
             bail!(
                 "<hugepages/>: guest memory ({} KiB) is not a multiple of the 2 MiB huge page size; round <memory> up",
                 ram >> 10

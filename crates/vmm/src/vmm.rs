@@ -31,44 +31,67 @@ struct Vmm {
 /// Creates the VM, runs it, and returns why it stopped.
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     crate::logger::init();
-    let vm = Vm::new(cfg.cpus, cfg.memory, &Default::default())?;
+    let (boot_cpus, max_cpus, ram) = (cfg.cpus.boot, cfg.cpus.max(), cfg.memory.size);
+    let vm = Vm::new(max_cpus, ram, &cfg.memory.backing)?;
     boot::write_boot_structures(&vm.mem)?;
-    let rsdp =
-        crate::acpi::write_tables(&vm.mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;
+    let rsdp = crate::acpi::write_tables(&vm.mem, boot_cpus, ram).context("writing ACPI tables")?;
     let entry = boot::load(&cfg, &vm.mem, Some(rsdp))?;
 
     let (mailbox, inbox) = messages::mailbox();
     vcpu::install_kick_handler()?;
     let signals = QuitSignals::start(mailbox.clone())?;
     let console = Console::open(&cfg.serial, vm.irqfd(4, "COM1")?, &mailbox)?;
-    let mut devices = DeviceManager::new(&vm, cfg.memory, console.com1.clone(), &mailbox)?;
+    let mut devices = DeviceManager::new(&vm, ram, console.com1.clone(), &mailbox)?;
     for d in &cfg.disks {
         devices.add_disk(d)?;
     }
     for n in &cfg.nets {
         devices.add_net(n)?;
     }
-    devices.add_rng()?;
+    if cfg.rng {
+        devices.add_rng()?;
+    }
 
+    // vCPUs without a pin of their own may use every CPU the process could use at start, not
+    // the emulator's set.
     let default_affinity = threads::affinity().context("sched_getaffinity")?;
+    if let Some(cpus) = &cfg.emulator_affinity {
+        threads::set_affinity(cpus)
+            .with_context(|| format!("emulator_affinity {cpus:?}: cannot pin the VMM thread"))?;
+    }
+    let mut affinity = vec![None; max_cpus as usize];
+    for a in &cfg.vcpu_affinity {
+        if let Some(slot) = affinity.get_mut(a.vcpu as usize) {
+            *slot = Some(a.cpus.clone());
+        }
+    }
     let mut vcpus = VcpuManager::new(VcpuSetup {
         vm: vm.fd.clone(),
         kvm: kvm_ioctls::Kvm::new().context("opening /dev/kvm for vCPU set-up")?,
-        max: cfg.cpus,
+        max: max_cpus,
         entry,
         exits: std::sync::Arc::new(devices.exit_handler()),
         mailbox: mailbox.clone(),
-        affinity: Vec::new(),
+        affinity,
         default_affinity,
     });
+    // Started paused (QEMU's -S): the vCPU threads exist (a supervisor can pin them) but park
+    // before their first guest instruction, and device workers wait at the gate.
+    let state = if cfg.start_paused {
+        vcpus.pause();
+        devices.gate().pause(std::time::Duration::ZERO);
+        RunState::Paused
+    } else {
+        RunState::Running
+    };
     // On an error, dropping the manager stops the vCPUs started so far.
-    for id in 0..cfg.cpus {
+    for id in 0..boot_cpus {
         vcpus.start(id)?;
     }
     let mut vmm = Vmm {
         name: cfg.name.clone(),
-        memory: cfg.memory,
-        state: RunState::Running,
+        memory: ram,
+        state,
         watchers: Vec::new(),
         vcpus,
         devices,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rvirt_api::vmm::ExitReason;
-use rvirt_vmm::cli::{Args, VmConfig};
+use rvirt_vmm::cli::{from_args, Args, VmConfig};
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -33,7 +33,7 @@ fn fds() -> Vec<String> {
 fn config(args: &[&str]) -> VmConfig {
     let mut a = vec!["rvirt-vmm"];
     a.extend_from_slice(args);
-    VmConfig::from_args(&Args::try_parse_from(a).unwrap()).unwrap()
+    from_args(&Args::try_parse_from(a).unwrap()).unwrap()
 }
 
 /// Wait until /proc/self/task has `want` entries (threads that returned may take a moment to

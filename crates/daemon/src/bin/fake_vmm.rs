@@ -1,8 +1,12 @@
 //! rvirt-fake-vmm: a test double of rvirt-vmm for rvirtd's supervision tests. It runs no guest.
 //!
-//! It takes rvirt-vmm's command line, speaks the real control protocol (`rvirt_api::vmm`) on
-//! `--api-socket`, runs one idle thread per vCPU named `vcpu<N>` (so pinning can be checked),
-//! and serves `--serial socket=PATH` as a console. Its "guest" is scripted by words in
+//! It takes rvirt-vmm's command line (flags, or `--config FILE` with the JSON
+//! `rvirt_api::vmm_config::VmConfig` rvirtd writes), speaks the real control protocol
+//! (`rvirt_api::vmm`) on the API socket, runs one idle thread per vCPU named `vcpu<N>` (so
+//! pinning can be checked), and serves a `socket=PATH` serial as a console. With
+//! `start_paused` (`--start-paused`) it starts paused; on the first resume it prints the
+//! affinity of every thread to stderr (`rvirt-fake-vmm: resumed; affinity ...`), so tests can
+//! check that pinning happened before the vCPUs ran. Its "guest" is scripted by words in
 //! `--cmdline`, and by lines typed on the console:
 //!
 //! - cmdline `fake.ignore_acpi`: the power button does nothing (for shutdown timeouts)
@@ -26,6 +30,8 @@ struct Vm {
     vcpus: u32,
     memory_bytes: u64,
     paused: AtomicBool,
+    /// Started paused and not resumed yet.
+    start_paused: AtomicBool,
     ticks: AtomicU64,
     tids: Mutex<Vec<i32>>,
     watchers: Mutex<Vec<UnixStream>>,
@@ -78,15 +84,58 @@ fn fail(msg: &str) -> ! {
     std::process::exit(rvirt_api::vmm::exit_code::VMM_ERROR);
 }
 
+fn exists_or_fail(path: &std::path::Path, what: &str) {
+    if !path.exists() {
+        fail(&format!("cannot open {what} {}", path.display()));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut api = None;
     let mut serial = None;
     let (mut vcpus, mut memory, mut name, mut cmdline) = (1u32, 256u64 << 20, None, String::new());
+    let mut start_paused = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
+            "--config" => {
+                if args.len() != 2 {
+                    fail("--config excludes every other option");
+                }
+                let text = std::fs::read_to_string(&val)
+                    .unwrap_or_else(|e| fail(&format!("--config {val}: {e}")));
+                let cfg: rvirt_api::vmm_config::VmConfig = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| fail(&format!("--config {val}: {e}")));
+                let rvirt_api::vmm_config::BootConfig::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline: c,
+                } = &cfg.boot;
+                exists_or_fail(kernel, "kernel");
+                if let Some(i) = initrd {
+                    exists_or_fail(i, "initrd");
+                }
+                for d in &cfg.disks {
+                    exists_or_fail(&d.path, "disk");
+                }
+                cmdline = c.clone();
+                name = cfg.name.clone();
+                vcpus = cfg.cpus.boot;
+                memory = cfg.memory.size;
+                api = cfg.api_socket.clone();
+                serial = match &cfg.serial {
+                    rvirt_api::vmm_config::SerialConfig::Socket(p) => Some(p.clone()),
+                    _ => None,
+                };
+                start_paused = cfg.start_paused;
+            }
+            "--start-paused" => {
+                start_paused = true;
+                i += 1;
+                continue;
+            }
             "--api-socket" => api = Some(PathBuf::from(&val)),
             "--serial" => serial = val.strip_prefix("socket=").map(PathBuf::from),
             "--cpus" => vcpus = val.parse().unwrap_or_else(|_| fail("bad --cpus")),
@@ -122,7 +171,8 @@ fn main() {
         name,
         vcpus,
         memory_bytes: memory,
-        paused: AtomicBool::new(false),
+        paused: AtomicBool::new(start_paused),
+        start_paused: AtomicBool::new(start_paused),
         ticks: AtomicU64::new(0),
         tids: Mutex::new(vec![0; vcpus as usize]),
         watchers: Mutex::new(Vec::new()),
@@ -148,6 +198,10 @@ fn main() {
                 }
             })
             .unwrap();
+    }
+    // Like rvirt-vmm, answer on the control socket only once the vCPU threads are known.
+    while vm.tids.lock().unwrap().contains(&0) {
+        std::thread::sleep(Duration::from_millis(1));
     }
     if let Some(path) = serial {
         let listener = UnixListener::bind(&path).unwrap_or_else(|e| fail(&format!("{e}")));
@@ -222,6 +276,9 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
         },
         Request::Pause | Request::Resume => {
             let pause = req == Request::Pause;
+            if !pause && vm.start_paused.swap(false, Ordering::SeqCst) {
+                report_affinity(vm);
+            }
             vm.paused.store(pause, Ordering::SeqCst);
             vm.broadcast(&Event::StateChanged { state: vm.state() });
             Response::Ok
@@ -264,4 +321,47 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             message: format!("the stand-in VMM does not implement {other:?}"),
         },
     }
+}
+
+/// The affinity of every thread, on stderr (the domain log): the vCPUs by number, the others
+/// ("emulator") by name.
+fn report_affinity(vm: &Vm) {
+    let vcpu_tids = vm.tids.lock().unwrap().clone();
+    let mut parts = Vec::new();
+    for (n, tid) in vcpu_tids.iter().enumerate() {
+        parts.push(format!("vcpu{n}={}", affinity(*tid)));
+    }
+    let mut emulator: Vec<String> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !vcpu_tids.contains(&tid) {
+                emulator.push(affinity(tid));
+            }
+        }
+    }
+    emulator.sort();
+    emulator.dedup();
+    eprintln!(
+        "rvirt-fake-vmm: resumed; affinity {} emulator={}",
+        parts.join(" "),
+        emulator.join("/")
+    );
+}
+
+fn affinity(tid: i32) -> String {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and size.
+    if unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) } != 0 {
+        return "?".into();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: c is below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -81,10 +81,15 @@ impl DiskFormat {
 pub struct Disk {
     pub source: String,
     pub format: DiskFormat,
+    /// `<driver cache=...>` as written (checked to be a libvirt cache mode).
     pub cache: Option<String>,
     pub readonly: bool,
     pub target: String,
     pub bus: String,
+    /// `<serial>`: the serial number the guest sees (at most 20 bytes).
+    pub serial: Option<String>,
+    /// `<alias name=...>`, else libvirt's default `virtio-disk<N>` (N from the target name).
+    pub alias: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +105,8 @@ pub struct Interface {
     pub model: String,
     /// `<target dev=.../>` when present (the TAP name).
     pub target: Option<String>,
+    /// `<alias name=...>`, else libvirt's default `net<N>` (N = position).
+    pub alias: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,13 +143,34 @@ pub struct DomainDef {
     pub emulatorpin: Option<CpuSet>,
     pub hugepages: bool,
     pub nosharepages: bool,
+    /// `<memoryBacking><source type='memfd'/>`.
+    pub memfd: bool,
+    /// `<memoryBacking><access mode='shared'/>`.
+    pub shared_memory: bool,
+    /// `<memoryBacking><source type='file'/>` (not applied: warned).
+    pub file_backed_memory: bool,
     pub disks: Vec<Disk>,
     pub interfaces: Vec<Interface>,
     pub serials: usize,
     pub consoles: usize,
     pub graphics: Vec<Graphics>,
+    /// `<memballoon model=...>` as written; absent means libvirt's default, a virtio balloon.
     pub memballoon: Option<String>,
+    /// `<memballoon autodeflate='on'>`.
+    pub balloon_autodeflate: bool,
+    /// `<memballoon freePageReporting='on'>`.
+    pub balloon_free_page_reporting: bool,
+    /// `<memballoon><stats period='N'/>`.
+    pub balloon_stats_period: Option<u32>,
     pub rng: Option<String>,
+}
+
+impl DomainDef {
+    /// Whether the guest gets a virtio balloon: unless `<memballoon model='none'/>` (libvirt
+    /// adds a virtio balloon to KVM guests that do not say).
+    pub fn has_balloon(&self) -> bool {
+        self.memballoon.as_deref() != Some("none")
+    }
 }
 
 /// A parsed definition: the full tree (source of truth for dumpxml), the typed view, and the
@@ -237,12 +265,15 @@ const SUPPORTED: &[&str] = &[
     "memoryBacking",
     "memoryBacking/hugepages",
     "memoryBacking/nosharepages",
+    "memoryBacking/source",
+    "memoryBacking/access",
     "devices",
     "devices/disk",
     "devices/disk/driver",
     "devices/disk/source",
     "devices/disk/target",
     "devices/disk/readonly",
+    "devices/disk/serial",
     "devices/interface",
     "devices/interface/source",
     "devices/interface/mac",
@@ -255,6 +286,7 @@ const SUPPORTED: &[&str] = &[
     "devices/graphics",
     "devices/graphics/listen",
     "devices/memballoon",
+    "devices/memballoon/stats",
     "devices/rng",
     "devices/rng/backend",
 ];
@@ -544,6 +576,34 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
             ));
         }
     }
+    let mut memfd = false;
+    let mut file_backed_memory = false;
+    if let Some(src) = mb.and_then(|m| m.child("source")) {
+        match src.attr("type").unwrap_or("anonymous") {
+            "memfd" => memfd = true,
+            "anonymous" => {}
+            "file" => file_backed_memory = true,
+            other => {
+                return Err(invalid(
+                    src,
+                    format!("<memoryBacking><source type='{other}'>: use anonymous, memfd or file"),
+                ))
+            }
+        }
+    }
+    let shared_memory = match mb.and_then(|m| m.child("access")) {
+        Some(acc) => match acc.attr("mode").unwrap_or("private") {
+            "shared" => true,
+            "private" => false,
+            other => {
+                return Err(invalid(
+                    acc,
+                    format!("<memoryBacking><access mode='{other}'>: use shared or private"),
+                ))
+            }
+        },
+        None => false,
+    };
     let (disks, interfaces, extras) = match root.child("devices") {
         Some(d) => read_devices(d)?,
         None => Default::default(),
@@ -581,12 +641,18 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
         emulatorpin,
         hugepages: mb.is_some_and(|m| m.child("hugepages").is_some()),
         nosharepages: mb.is_some_and(|m| m.child("nosharepages").is_some()),
+        memfd,
+        shared_memory,
+        file_backed_memory,
         disks,
         interfaces,
         serials: extras.serials,
         consoles: extras.consoles,
         graphics: extras.graphics,
         memballoon: extras.memballoon,
+        balloon_autodeflate: extras.balloon_autodeflate,
+        balloon_free_page_reporting: extras.balloon_free_page_reporting,
+        balloon_stats_period: extras.balloon_stats_period,
         rng: extras.rng,
     })
 }
@@ -595,19 +661,28 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
 /// so nobody believes the guest has them.
 fn not_applied(def: &DomainDef) -> Vec<String> {
     let mut w = Vec::new();
-    if def.hugepages {
+    if def.file_backed_memory {
         w.push(
-            "<memoryBacking><hugepages/> is kept but not applied: rvirt-vmm backs guest RAM with \
-             normal pages"
+            "<memoryBacking><source type='file'/> is kept but not applied: rvirt-vmm backs guest \
+             RAM with anonymous memory (or memfd with <source type='memfd'/>)"
                 .to_string(),
         );
     }
-    if def.memballoon.as_deref() == Some("virtio") {
-        w.push(
-            "<memballoon model='virtio'> is kept but not applied: rvirt-vmm has no balloon \
-             device (the guest runs with currentMemory; dommemstat shows actual and rss)"
-                .to_string(),
-        );
+    if !def.has_balloon() && def.current_memory_kib < def.memory_kib {
+        w.push(format!(
+            "<currentMemory> {} KiB is below <memory> {} KiB but <memballoon model='none'/> gives \
+             no balloon to hold the difference: the guest gets {} KiB of RAM",
+            def.current_memory_kib, def.memory_kib, def.current_memory_kib
+        ));
+    }
+    for d in &def.disks {
+        if let Some(c @ ("none" | "directsync")) = d.cache.as_deref() {
+            w.push(format!(
+                "<driver cache='{c}'> of disk {} needs O_DIRECT, which rvirt-vmm does not support \
+                 yet: the domain will fail to start; use cache='writeback' or cache='writethrough'",
+                d.target
+            ));
+        }
     }
     w
 }
@@ -642,6 +717,9 @@ struct Extras {
     consoles: usize,
     graphics: Vec<Graphics>,
     memballoon: Option<String>,
+    balloon_autodeflate: bool,
+    balloon_free_page_reporting: bool,
+    balloon_stats_period: Option<u32>,
     rng: Option<String>,
 }
 
@@ -669,7 +747,7 @@ fn read_devices(devices: &Element) -> Result<(Vec<Disk>, Vec<Interface>, Extras)
     for dev in devices.elements() {
         match dev.name.as_str() {
             "disk" => disks.push(read_disk(dev)?),
-            "interface" => interfaces.push(read_interface(dev)?),
+            "interface" => interfaces.push(read_interface(dev, interfaces.len())?),
             "serial" | "console" => {
                 let t = dev.attr("type").unwrap_or("pty");
                 if t != "pty" {
@@ -715,6 +793,20 @@ fn read_devices(devices: &Element) -> Result<(Vec<Disk>, Vec<Interface>, Extras)
                     ));
                 }
                 extras.memballoon = Some(m.to_string());
+                let on_off = |attr: &str| match dev.attr(attr) {
+                    None | Some("off") => Ok(false),
+                    Some("on") => Ok(true),
+                    Some(v) => Err(invalid(
+                        dev,
+                        format!("<memballoon {attr}='{v}'>: use on or off"),
+                    )),
+                };
+                extras.balloon_autodeflate = on_off("autodeflate")?;
+                extras.balloon_free_page_reporting = on_off("freePageReporting")?;
+                if let Some(st) = dev.child("stats") {
+                    let p = st.attr("period").unwrap_or("0");
+                    extras.balloon_stats_period = Some(number(st, "period", p)?);
+                }
             }
             "rng" => {
                 let m = dev.attr("model").unwrap_or("");
@@ -744,7 +836,53 @@ fn read_devices(devices: &Element) -> Result<(Vec<Disk>, Vec<Interface>, Extras)
             _ => {}
         }
     }
+    let mut aliases = BTreeSet::new();
+    let all = disks
+        .iter()
+        .map(|d| d.alias.as_str())
+        .chain(interfaces.iter().map(|i| i.alias.as_str()));
+    for alias in all {
+        if !aliases.insert(alias) {
+            return Err(invalid(
+                devices,
+                format!(
+                    "non unique alias detected: {alias}; give each device its own <alias name=...>"
+                ),
+            ));
+        }
+    }
     Ok((disks, interfaces, extras))
+}
+
+fn alias_of(dev: &Element) -> Option<String> {
+    dev.child("alias")
+        .and_then(|a| a.attr("name"))
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+/// libvirt's disk index of a target name (`vda` 0, `vdz` 25, `vdaa` 26), as
+/// virDiskNameToIndex computes it.
+pub fn disk_index(target: &str) -> Option<u32> {
+    let letters = ["vd", "sd", "hd", "xvd", "ubd"]
+        .iter()
+        .find_map(|p| target.strip_prefix(p))?;
+    if letters.is_empty() || !letters.bytes().all(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    let mut idx: u32 = 0;
+    for (i, b) in letters.bytes().enumerate() {
+        if i > 0 {
+            idx = idx.checked_add(1)?;
+        }
+        idx = idx.checked_mul(26)?.checked_add(u32::from(b - b'a'))?;
+    }
+    Some(idx)
+}
+
+/// The characters libvirt allows in a disk `<serial>`.
+fn valid_serial_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-' | ' ')
 }
 
 fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
@@ -806,9 +944,11 @@ fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
                 ]
                 .contains(&c.as_str())
                 {
-                    return Err(invalid(
+                    return Err(unsupported(
                         drv,
-                        format!("<driver cache='{c}'> is not a libvirt cache mode"),
+                        format!(
+                            "unknown disk cache mode '{c}' in <driver cache='{c}'>; use default, none, writethrough, writeback, directsync or unsafe"
+                        ),
                     ));
                 }
             }
@@ -830,6 +970,38 @@ fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
             format!("<target bus='{bus}'> of disk {target}: only bus='virtio' is supported"),
         ));
     }
+    let serial = match dev.child("serial") {
+        Some(el) => {
+            let s = el.text();
+            if let Some(c) = s.chars().find(|c| !valid_serial_char(*c)) {
+                return Err(invalid(
+                    el,
+                    format!("disk serial ({s}) contains invalid characters ('{c}'); use letters, digits, ' ', '_', '.', '+', '-'"),
+                ));
+            }
+            if s.len() > 20 {
+                return Err(unsupported(
+                    el,
+                    format!(
+                        "<serial> of disk {target} is {} bytes: virtio-blk serials are at most 20 bytes; shorten it",
+                        s.len()
+                    ),
+                ));
+            }
+            Some(s).filter(|s| !s.is_empty())
+        }
+        None => None,
+    };
+    let alias = match alias_of(dev) {
+        Some(a) => a,
+        None => format!(
+            "virtio-disk{}",
+            disk_index(&target).ok_or_else(|| invalid(
+                target_el,
+                format!("<target dev='{target}'>: not a disk name like vda, vdb, ..., vdaa")
+            ))?
+        ),
+    };
     Ok(Disk {
         source,
         format,
@@ -837,6 +1009,8 @@ fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
         readonly: dev.child("readonly").is_some(),
         target,
         bus,
+        serial,
+        alias,
     })
 }
 
@@ -849,7 +1023,7 @@ pub fn validate_mac(mac: &str) -> bool {
         && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
-fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
+fn read_interface(dev: &Element, index: usize) -> Result<Interface, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("");
     let source_el = dev.child("source");
     let source = match kind {
@@ -917,6 +1091,7 @@ fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
             .child("target")
             .and_then(|t| t.attr("dev"))
             .map(str::to_string),
+        alias: alias_of(dev).unwrap_or_else(|| format!("net{index}")),
     })
 }
 
