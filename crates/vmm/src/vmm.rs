@@ -31,6 +31,13 @@ struct Vmm {
 /// Creates the VM, runs it, and returns why it stopped.
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     crate::logger::init();
+    // First, before any other thread exists, so every VMM thread inherits the emulator pin;
+    // vCPUs without a pin of their own may use every CPU the process could use at start.
+    let default_affinity = threads::affinity().context("sched_getaffinity")?;
+    if let Some(cpus) = &cfg.emulator_affinity {
+        threads::set_affinity(cpus)
+            .with_context(|| format!("emulator_affinity {cpus:?}: cannot pin the VMM thread"))?;
+    }
     let (boot_cpus, max_cpus, ram) = (cfg.cpus.boot, cfg.cpus.max(), cfg.memory.size);
     let vm = Vm::new(max_cpus, ram, &cfg.memory.backing)?;
     boot::write_boot_structures(&vm.mem)?;
@@ -52,13 +59,6 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         devices.add_rng()?;
     }
 
-    // vCPUs without a pin of their own may use every CPU the process could use at start, not
-    // the emulator's set.
-    let default_affinity = threads::affinity().context("sched_getaffinity")?;
-    if let Some(cpus) = &cfg.emulator_affinity {
-        threads::set_affinity(cpus)
-            .with_context(|| format!("emulator_affinity {cpus:?}: cannot pin the VMM thread"))?;
-    }
     let mut affinity = vec![None; max_cpus as usize];
     for a in &cfg.vcpu_affinity {
         if let Some(slot) = affinity.get_mut(a.vcpu as usize) {

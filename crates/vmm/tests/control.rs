@@ -28,6 +28,10 @@ impl Drop for Vm {
 }
 
 fn start(img: rvirt_testkit::GuestImage, cpus: &str) -> Option<Vm> {
+    start_with(img, cpus, &[])
+}
+
+fn start_with(img: rvirt_testkit::GuestImage, cpus: &str, extra: &[&str]) -> Option<Vm> {
     if let Some(why) = rvirt_testkit::kvm_unavailable() {
         eprintln!("skipped: {why}");
         return None;
@@ -42,6 +46,7 @@ fn start(img: rvirt_testkit::GuestImage, cpus: &str) -> Option<Vm> {
         ])
         .arg("--api-socket")
         .arg(&sock)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
@@ -215,5 +220,122 @@ fn power_button_makes_the_guest_power_off() {
             reason: ExitReason::Poweroff
         }
     );
+    assert_eq!(wait_exit(&mut vm), Some(0));
+}
+
+fn allowed_cpus(pid: u32, tid: i32) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    st.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn start_paused_runs_no_guest_code_until_resumed() {
+    // serial_hello powers off right after its first instructions: while the VM is still there,
+    // the guest has not run.
+    let Some(mut vm) = start_with(
+        rvirt_testkit::serial_hello().unwrap(),
+        "2",
+        &["--start-paused"],
+    ) else {
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        vm.child.try_wait().unwrap(),
+        None,
+        "the guest ran while paused"
+    );
+    let mut c = Conn::new(&vm);
+    match c.call(Request::Info) {
+        Response::Info { state, vcpus, .. } => {
+            assert_eq!(state, RunState::Paused);
+            assert_eq!(vcpus, 2);
+        }
+        r => panic!("{r:?}"),
+    }
+    // The vCPU threads exist (a supervisor pins them now).
+    match c.call(Request::VcpuInfo) {
+        Response::VcpuInfo { vcpus } => assert_eq!(vcpus.len(), 2),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(c.call(Request::Resume), Response::Ok);
+    assert_eq!(wait_exit(&mut vm), Some(0));
+}
+
+#[test]
+fn config_file_pins_vcpus_and_the_emulator_threads() {
+    let cpus = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if ncpus < 2 || !cpus.contains("Cpus_allowed_list:") {
+        eprintln!("skipped: needs two host CPUs");
+        return;
+    }
+    let Some(img) = rvirt_testkit::kvm_unavailable()
+        .is_none()
+        .then(|| rvirt_testkit::idle().unwrap())
+    else {
+        eprintln!("skipped: no usable /dev/kvm");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let cfg = serde_json::json!({
+        "name": "pinned",
+        "boot": {"kind": "kernel", "kernel": img.path(), "cmdline": ""},
+        "memory": {"size": 64u64 << 20},
+        "cpus": {"boot": 2},
+        "serial": {"kind": "none"},
+        "api_socket": sock,
+        "emulator_affinity": [1],
+        "vcpu_affinity": [{"vcpu": 0, "cpus": [0]}, {"vcpu": 1, "cpus": [1]}],
+    });
+    let cfg_path = dir.path().join("vm.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let child = Command::new(VMM)
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut vm = Vm {
+        child,
+        sock: sock.clone(),
+        _dir: dir,
+        _img: img,
+    };
+    let t = Instant::now();
+    while UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = vm.child.id();
+    let mut c = Conn::new(&vm);
+    let vcpus = match c.call(Request::VcpuInfo) {
+        Response::VcpuInfo { vcpus } => vcpus,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(allowed_cpus(pid, vcpus[0].tid), "0");
+    assert_eq!(allowed_cpus(pid, vcpus[1].tid), "1");
+    // Every other thread (main, control, serial, signals) has the emulator set.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid: i32 = t.unwrap().file_name().to_str().unwrap().parse().unwrap();
+        if vcpus.iter().any(|v| v.tid == tid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        // KVM's own worker (kvm-nx-lpage-recovery) is a kernel task in the VMM's thread group;
+        // its affinity is the kernel's business.
+        if comm.starts_with("kvm-") {
+            continue;
+        }
+        assert_eq!(allowed_cpus(pid, tid), "1", "thread {tid} {comm}");
+    }
+    assert_eq!(c.call(Request::Quit), Response::Ok);
     assert_eq!(wait_exit(&mut vm), Some(0));
 }
