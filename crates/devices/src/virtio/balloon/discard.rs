@@ -259,7 +259,7 @@ impl Discarder {
                     return Ok(0);
                 };
                 let off = start + region_off;
-                if off % ps != 0 {
+                if !off.is_multiple_of(ps) {
                     // The file offset of the region is not page aligned: the kernel would
                     // refuse (hugetlbfs) or free the wrong pages' neighbours.
                     *skipped += len;

@@ -713,7 +713,7 @@ impl BalloonWorker {
                 continue;
             }
             let len = desc.len() as usize;
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 Counters::add(&c.bad_descriptors, 1);
                 crate::guest_warn!(
                     "virtio-balloon: {} descriptor of {len} bytes is not a whole number of \
