@@ -13,6 +13,7 @@
 //! Only whole host pages are freed: a range is shrunk to the host pages it covers entirely
 //! (4 KiB normally, the huge page size for hugetlbfs regions), the rest is counted as skipped.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -24,6 +25,8 @@ use crate::GuestMemory;
 
 /// `statfs.f_type` of hugetlbfs (Linux `include/uapi/linux/magic.h`).
 const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+/// The balloon's page size.
+const BALLOON_PAGE: u64 = super::BALLOON_PAGE_SIZE;
 /// Huge page size assumed when the kernel does not say (x86-64's PMD size).
 const DEFAULT_HUGE_PAGE: u64 = 2 << 20;
 
@@ -95,6 +98,7 @@ pub(crate) struct Discarder {
     /// Holds the mappings the host addresses in `regions` point into.
     _mem: GuestMemory,
     regions: Vec<RegionPlan>,
+    partial: Partial,
 }
 
 fn host_page_size() -> u64 {
@@ -179,6 +183,7 @@ impl Discarder {
         Discarder {
             _mem: mem.clone(),
             regions,
+            partial: Partial::default(),
         }
     }
 
@@ -191,89 +196,254 @@ impl Discarder {
             .map(|r| (r.method, r.page_size))
     }
 
-    /// Frees the whole host pages inside guest range `gpa..gpa + len`. Parts outside guest
-    /// memory are skipped (callers check ranges first). On a syscall failure the bytes freed so
-    /// far are lost to the count and the error is returned.
+    /// Frees the whole host pages inside guest range `gpa..gpa + len` (free page reporting:
+    /// the pieces of host pages it leaves are not remembered, the guest reuses them). Parts
+    /// outside guest memory are skipped (callers check ranges first). On a syscall failure the
+    /// error is returned and the bytes freed before it go uncounted.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<Discarded, DiscardError> {
         let mut out = Discarded::default();
+        self.for_each_piece(gpa, len, &mut out, |r, host_lo, host_hi, out| {
+            let ps = r.page_size;
+            // Whole host pages only (in host addresses: that is what the kernel checks).
+            let a_lo = host_lo.div_ceil(ps) * ps;
+            let a_hi = host_hi / ps * ps;
+            if a_lo >= a_hi {
+                out.skipped += host_hi - host_lo;
+                return Ok(());
+            }
+            out.skipped += (a_lo - host_lo) + (host_hi - a_hi);
+            free_host(r, a_lo, a_hi - a_lo, out)
+        })?;
+        Ok(out)
+    }
+
+    /// The balloon took guest range `gpa..gpa + len` (inflate). Where host pages are larger
+    /// than the balloon's 4 KiB (hugetlbfs), pieces of a host page are remembered until the
+    /// balloon holds all of it, and the host page is freed then.
+    pub fn inflate(&mut self, gpa: u64, len: u64) -> Result<Discarded, DiscardError> {
+        let mut out = Discarded::default();
+        let mut partial = std::mem::take(&mut self.partial);
+        let result = self.for_each_piece(gpa, len, &mut out, |r, host_lo, host_hi, out| {
+            let ps = r.page_size;
+            if ps <= BALLOON_PAGE {
+                let a_lo = host_lo.div_ceil(ps) * ps;
+                let a_hi = host_hi / ps * ps;
+                out.skipped += host_hi - host_lo - a_hi.saturating_sub(a_lo);
+                return if a_lo < a_hi {
+                    free_host(r, a_lo, a_hi - a_lo, out)
+                } else {
+                    Ok(())
+                };
+            }
+            // Runs of whole host pages go in one call; pieces are collected.
+            let mut run: Option<(u64, u64)> = None;
+            let mut cur = host_lo;
+            while cur < host_hi {
+                let page = cur / ps * ps;
+                let piece_end = (page + ps).min(host_hi);
+                if cur == page && piece_end == page + ps {
+                    partial.forget(page);
+                    run = match run {
+                        Some((s, e)) if e == page => Some((s, page + ps)),
+                        Some((s, e)) => {
+                            free_host(r, s, e - s, out)?;
+                            Some((page, page + ps))
+                        }
+                        None => Some((page, page + ps)),
+                    };
+                } else if partial.add(page, ps, cur - page, piece_end - page) {
+                    free_host(r, page, ps, out)?;
+                } else {
+                    out.skipped += piece_end - cur;
+                }
+                cur = piece_end;
+            }
+            match run {
+                Some((s, e)) => free_host(r, s, e - s, out),
+                None => Ok(()),
+            }
+        });
+        self.partial = partial;
+        result.map(|()| out)
+    }
+
+    /// The guest took guest range `gpa..gpa + len` back (deflate): pieces of large host pages
+    /// in it no longer count towards freeing those pages.
+    pub fn deflate(&mut self, gpa: u64, len: u64) {
+        if self.partial.pages.is_empty() {
+            return;
+        }
+        let mut partial = std::mem::take(&mut self.partial);
+        let mut out = Discarded::default();
+        let _ = self.for_each_piece(gpa, len, &mut out, |r, host_lo, host_hi, _| {
+            let ps = r.page_size;
+            if ps <= BALLOON_PAGE {
+                return Ok(());
+            }
+            let mut cur = host_lo;
+            while cur < host_hi {
+                let page = cur / ps * ps;
+                let piece_end = (page + ps).min(host_hi);
+                partial.remove(page, cur - page, piece_end - page);
+                cur = piece_end;
+            }
+            Ok(())
+        });
+        self.partial = partial;
+    }
+
+    /// Calls `f(region, host_lo, host_hi, out)` for each part of `gpa..gpa + len` inside a
+    /// region; what lies outside every region is counted as skipped.
+    fn for_each_piece<F>(
+        &self,
+        gpa: u64,
+        len: u64,
+        out: &mut Discarded,
+        mut f: F,
+    ) -> Result<(), DiscardError>
+    where
+        F: FnMut(&RegionPlan, u64, u64, &mut Discarded) -> Result<(), DiscardError>,
+    {
         let Some(end) = gpa.checked_add(len) else {
-            out.skipped = len;
-            return Ok(out);
+            out.skipped += len;
+            return Ok(());
         };
         let mut covered = 0u64;
         for r in &self.regions {
-            let r_end = r.start + r.len;
             let lo = gpa.max(r.start);
-            let hi = end.min(r_end);
+            let hi = end.min(r.start + r.len);
             if lo >= hi {
                 continue;
             }
             covered += hi - lo;
-            out.freed += self.discard_in(r, lo, hi, &mut out.skipped)?;
+            let host = r.host as u64;
+            f(r, host + (lo - r.start), host + (hi - r.start), out)?;
         }
         out.skipped += len - covered;
-        Ok(out)
+        Ok(())
     }
 
-    /// Frees the whole host pages of `lo..hi` (inside region `r`); returns the bytes freed.
-    fn discard_in(
-        &self,
-        r: &RegionPlan,
-        lo: u64,
-        hi: u64,
-        skipped: &mut u64,
-    ) -> Result<u64, DiscardError> {
-        let ps = r.page_size;
-        let host_lo = r.host as u64 + (lo - r.start);
-        let host_hi = r.host as u64 + (hi - r.start);
-        // Whole host pages only (in host addresses: that is what the kernel checks).
-        let a_lo = host_lo.div_ceil(ps) * ps;
-        let a_hi = host_hi / ps * ps;
-        if a_lo >= a_hi {
-            *skipped += hi - lo;
-            return Ok(0);
-        }
-        *skipped += (a_lo - host_lo) + (host_hi - a_hi);
-        let len = a_hi - a_lo;
-        let region_off = a_lo - r.host as u64;
-        let gpa = r.start + region_off;
-        let err = |op, source| DiscardError {
-            op,
-            gpa,
-            len,
-            source,
-        };
-        match r.method {
-            DiscardMethod::Keep => {
-                *skipped += len;
-                return Ok(0);
-            }
-            DiscardMethod::DontNeed => madvise(a_lo, len, libc::MADV_DONTNEED)
-                .map_err(|e| err("madvise(MADV_DONTNEED)", e))?,
-            DiscardMethod::Remove => {
-                madvise(a_lo, len, libc::MADV_REMOVE).map_err(|e| err("madvise(MADV_REMOVE)", e))?
-            }
-            DiscardMethod::PunchHole { dontneed } => {
-                let Some((file, start)) = &r.file else {
-                    *skipped += len;
-                    return Ok(0);
-                };
-                let off = start + region_off;
-                if !off.is_multiple_of(ps) {
-                    // The file offset of the region is not page aligned: the kernel would
-                    // refuse (hugetlbfs) or free the wrong pages' neighbours.
-                    *skipped += len;
-                    return Ok(0);
-                }
-                punch_hole(file, off, len).map_err(|e| err("fallocate(PUNCH_HOLE)", e))?;
-                if dontneed {
-                    madvise(a_lo, len, libc::MADV_DONTNEED)
-                        .map_err(|e| err("madvise(MADV_DONTNEED)", e))?;
-                }
-            }
-        }
-        Ok(len)
+    /// Tracked pieces of large host pages (tests).
+    #[cfg(test)]
+    pub fn partial_pages(&self) -> usize {
+        self.partial.pages.len()
     }
+
+    /// Pretends every region has host pages of `ps` bytes (tests of the large-page paths on
+    /// ordinary memory).
+    #[cfg(test)]
+    pub fn set_page_size(&mut self, ps: u64) {
+        for r in &mut self.regions {
+            r.page_size = ps;
+        }
+    }
+}
+
+/// Pieces of host pages larger than 4 KiB that the balloon holds: one bit per 4 KiB, per host
+/// page (keyed by host address). Bounded: beyond [`MAX_PARTIAL_WORDS`] bitmap words new pieces
+/// are not tracked (their host pages just stay).
+#[derive(Debug, Default)]
+struct Partial {
+    pages: HashMap<u64, Vec<u64>>,
+    words: usize,
+}
+
+/// At most this many u64 bitmap words (512 KiB) for [`Partial`].
+const MAX_PARTIAL_WORDS: usize = 1 << 16;
+
+impl Partial {
+    /// Marks the 4 KiB pieces inside `lo..hi` (offsets in the host page at `page` of `ps`
+    /// bytes). Returns true when the whole host page is now in the balloon (its entry is
+    /// dropped: the caller frees the page).
+    fn add(&mut self, page: u64, ps: u64, lo: u64, hi: u64) -> bool {
+        let bits = (ps / BALLOON_PAGE) as usize;
+        let words = bits.div_ceil(64);
+        if !self.pages.contains_key(&page) {
+            if self.words + words > MAX_PARTIAL_WORDS {
+                return false;
+            }
+            self.words += words;
+            self.pages.insert(page, vec![0; words]);
+        }
+        let Some(map) = self.pages.get_mut(&page) else {
+            return false;
+        };
+        let (first, last) = (lo.div_ceil(BALLOON_PAGE), hi / BALLOON_PAGE);
+        for b in first..last {
+            map[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        let full = (0..bits).all(|b| map[b / 64] & (1 << (b % 64)) != 0);
+        if full {
+            self.forget(page);
+        }
+        full
+    }
+
+    /// Unmarks the 4 KiB pieces touching `lo..hi` of the host page at `page`.
+    fn remove(&mut self, page: u64, lo: u64, hi: u64) {
+        let Some(map) = self.pages.get_mut(&page) else {
+            return;
+        };
+        let (first, last) = (lo / BALLOON_PAGE, hi.div_ceil(BALLOON_PAGE));
+        for b in first..last {
+            if let Some(w) = map.get_mut((b / 64) as usize) {
+                *w &= !(1 << (b % 64));
+            }
+        }
+        if map.iter().all(|&w| w == 0) {
+            self.forget(page);
+        }
+    }
+
+    fn forget(&mut self, page: u64) {
+        if let Some(map) = self.pages.remove(&page) {
+            self.words -= map.len();
+        }
+    }
+}
+
+/// Frees host range `host..host + len` (whole host pages of region `r`) and counts it.
+fn free_host(r: &RegionPlan, host: u64, len: u64, out: &mut Discarded) -> Result<(), DiscardError> {
+    let region_off = host - r.host as u64;
+    let gpa = r.start + region_off;
+    let err = |op, source| DiscardError {
+        op,
+        gpa,
+        len,
+        source,
+    };
+    match r.method {
+        DiscardMethod::Keep => {
+            out.skipped += len;
+            return Ok(());
+        }
+        DiscardMethod::DontNeed => {
+            madvise(host, len, libc::MADV_DONTNEED).map_err(|e| err("madvise(MADV_DONTNEED)", e))?
+        }
+        DiscardMethod::Remove => {
+            madvise(host, len, libc::MADV_REMOVE).map_err(|e| err("madvise(MADV_REMOVE)", e))?
+        }
+        DiscardMethod::PunchHole { dontneed } => {
+            let Some((file, start)) = &r.file else {
+                out.skipped += len;
+                return Ok(());
+            };
+            let off = start + region_off;
+            if !off.is_multiple_of(r.page_size) {
+                // The region's file offset is not host page aligned: the kernel would refuse
+                // (hugetlbfs) or free parts of the neighbouring pages.
+                out.skipped += len;
+                return Ok(());
+            }
+            punch_hole(file, off, len).map_err(|e| err("fallocate(PUNCH_HOLE)", e))?;
+            if dontneed {
+                madvise(host, len, libc::MADV_DONTNEED)
+                    .map_err(|e| err("madvise(MADV_DONTNEED)", e))?;
+            }
+        }
+    }
+    out.freed += len;
+    Ok(())
 }
 
 fn madvise(addr: u64, len: u64, advice: i32) -> io::Result<()> {

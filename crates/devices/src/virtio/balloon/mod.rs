@@ -645,9 +645,9 @@ impl Direction {
     }
 }
 
-/// Frees `gpa..gpa + len` and counts the outcome.
-fn discard_range(discarder: &Discarder, c: &Counters, gpa: u64, len: u64) {
-    match discarder.discard(gpa, len) {
+/// Counts the outcome of a discard.
+fn count_discard(c: &Counters, result: Result<discard::Discarded, DiscardError>) {
+    match result {
         Ok(d) => {
             Counters::add(&c.discarded_bytes, d.freed);
             Counters::add(&c.discard_skipped_bytes, d.skipped);
@@ -659,9 +659,9 @@ fn discard_range(discarder: &Discarder, c: &Counters, gpa: u64, len: u64) {
     }
 }
 
-/// Sorts the valid PFNs of one chunk, drops duplicates, and frees (inflate) or counts
-/// (deflate) them as runs of contiguous pages: one syscall per run.
-fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &Discarder, c: &Counters) {
+/// Sorts the valid PFNs of one chunk, drops duplicates, and hands them to the discarder as runs
+/// of contiguous pages: one syscall per run.
+fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &mut Discarder, c: &Counters) {
     pfns.sort_unstable();
     pfns.dedup();
     let pages = pfns.len() as u64;
@@ -669,25 +669,23 @@ fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &Discarder, c: &Co
         Direction::Inflate => Counters::add(&c.inflated_pages, pages),
         Direction::Deflate => Counters::add(&c.deflated_pages, pages),
     }
-    if dir == Direction::Inflate {
-        let mut i = 0;
-        while i < pfns.len() {
-            let start = pfns[i];
-            let mut n = 1;
-            while i + n < pfns.len() && pfns[i + n] == start + n as u64 {
-                n += 1;
-            }
-            discard_range(
-                discarder,
-                c,
-                start << BALLOON_PFN_SHIFT,
-                (n as u64) << BALLOON_PFN_SHIFT,
-            );
-            i += n;
+    let mut i = 0;
+    while i < pfns.len() {
+        let start = pfns[i];
+        let mut n = 1;
+        while i + n < pfns.len() && pfns[i + n] == start + n as u64 {
+            n += 1;
         }
+        let (gpa, len) = (start << BALLOON_PFN_SHIFT, (n as u64) << BALLOON_PFN_SHIFT);
+        match dir {
+            Direction::Inflate => count_discard(c, discarder.inflate(gpa, len)),
+            // Nothing to do for the memory itself: a page the guest touches again is faulted
+            // in by the host (zeroed, or from the file). Only pieces of large host pages that
+            // were waiting for the rest of their page are forgotten.
+            Direction::Deflate => discarder.deflate(gpa, len),
+        }
+        i += n;
     }
-    // Deflate: nothing to do for the memory itself; a page the guest touches again is faulted
-    // in by the host (zeroed, or from the file).
     pfns.clear();
 }
 
@@ -695,7 +693,7 @@ impl BalloonWorker {
     /// Serves one inflate or deflate chain: device-readable buffers of le32 PFNs.
     fn pfn_chain(
         mem: &GuestMemory,
-        discarder: &Discarder,
+        discarder: &mut Discarder,
         c: &Counters,
         bytes: &mut [u8],
         pfns: &mut Vec<u64>,
@@ -832,7 +830,7 @@ impl BalloonWorker {
                 if keep {
                     Counters::add(&c.discard_skipped_bytes, len);
                 } else {
-                    discard_range(discarder, c, addr, len);
+                    count_discard(c, discarder.discard(addr, len));
                 }
             }
             ChainOutcome::Used(0)

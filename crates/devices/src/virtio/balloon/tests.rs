@@ -742,3 +742,50 @@ fn random_rings_never_panic() {
     send_pfns(&d, &mut qs[0], &[pfn(8 * MIB)]);
     assert!(counter(&h, "inflated_pages") >= 1);
 }
+
+#[test]
+fn pieces_of_large_host_pages_are_freed_once_the_whole_page_is_ballooned() {
+    // Ordinary memory, treated as if host pages were 16 KiB (as hugetlbfs pages are larger
+    // than the balloon's 4 KiB): the same code path, checkable with mincore.
+    const HP: u64 = 4 * PAGE;
+    let mem = anon_memory(4 * MIB);
+    let mut dis = Discarder::new(&mem, DiscardMode::Auto);
+    dis.set_page_size(HP);
+    touch(&mem, 0, 4 * MIB);
+    // Three quarters of a host page: nothing freed yet, but remembered.
+    let d = dis.inflate(MIB, PAGE).unwrap();
+    assert_eq!((d.freed, d.skipped), (0, PAGE));
+    assert_eq!(dis.inflate(MIB + PAGE, 2 * PAGE).unwrap().freed, 0);
+    assert_eq!(dis.partial_pages(), 1);
+    assert!(resident(&mem, MIB, HP).iter().all(|&r| r));
+    // The last quarter, in another request: the host page goes.
+    assert_eq!(dis.inflate(MIB + 3 * PAGE, PAGE).unwrap().freed, HP);
+    assert_eq!(dis.partial_pages(), 0);
+    assert!(resident(&mem, MIB, HP).iter().all(|&r| !r));
+    // A ragged range: its whole host page is freed at once, its piece waits.
+    let d = dis.inflate(2 * MIB + 2 * PAGE, 6 * PAGE).unwrap();
+    assert_eq!(d.freed, HP);
+    assert_eq!(dis.partial_pages(), 1);
+    assert_eq!(
+        resident(&mem, 2 * MIB, 2 * HP),
+        [[true; 4], [false; 4]].concat()
+    );
+    // A piece deflated before its page is complete no longer counts.
+    dis.deflate(2 * MIB + 2 * PAGE, PAGE);
+    assert_eq!(
+        dis.inflate(2 * MIB, 2 * PAGE).unwrap().freed,
+        0,
+        "piece 2 is back"
+    );
+    assert_eq!(dis.inflate(2 * MIB + 2 * PAGE, PAGE).unwrap().freed, HP);
+    assert!(resident(&mem, 2 * MIB, HP).iter().all(|&r| !r));
+    // Deflating every piece drops the entry.
+    dis.inflate(3 * MIB, PAGE).unwrap();
+    assert_eq!(dis.partial_pages(), 1);
+    dis.deflate(3 * MIB, PAGE);
+    assert_eq!(dis.partial_pages(), 0);
+    // Free page reporting frees whole host pages only and remembers nothing.
+    let d = dis.discard(3 * MIB + PAGE, HP + 3 * PAGE).unwrap();
+    assert_eq!((d.freed, d.skipped), (HP, 3 * PAGE));
+    assert_eq!(dis.partial_pages(), 0);
+}
