@@ -10,8 +10,13 @@
 //! | shared file / memfd              | `fallocate(PUNCH_HOLE \| KEEP_SIZE)` at the file offset |
 //! | private file / memfd             | `madvise(MADV_DONTNEED)` only; with [`DiscardMode::AutoOwnedFiles`] the hole is punched first |
 //!
-//! Only whole host pages are freed: a range is shrunk to the host pages it covers entirely
-//! (4 KiB normally, the huge page size for hugetlbfs regions), the rest is counted as skipped.
+//! Only whole host pages are freed (4 KiB normally; the huge page size for hugetlbfs regions,
+//! read with `fstatfs` on the region's file, or from `MAP_HUGETLB` in its flags):
+//! - free page reporting frees the host pages a range covers entirely; the rest is skipped;
+//! - inflating remembers the 4 KiB pieces of a larger host page (a bounded bitmap per host
+//!   page) and frees the host page once the balloon holds all of it; deflating a piece forgets
+//!   it. A host page freed this way and then partly deflated is not tracked again until each
+//!   of its pieces is inflated anew.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,8 +46,9 @@ pub enum DiscardMode {
     /// Like [`DiscardMode::Auto`], and also punch holes in files mapped `MAP_PRIVATE`. Only for
     /// files the VMM owns alone (its own memfd mapped private), since the file is modified.
     AutoOwnedFiles,
-    /// Never give memory back (bookkeeping only): for RAM that must stay populated, e.g. pinned
-    /// for device assignment, or while a snapshot or migration reads it.
+    /// Never give memory back (bookkeeping only): for RAM that must stay populated for the
+    /// VM's whole life, e.g. pinned for device assignment. For a while only (a snapshot or a
+    /// migration reading RAM) use `BalloonHandle::set_discard_inhibited` instead.
     Disabled,
 }
 

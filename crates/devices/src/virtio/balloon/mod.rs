@@ -32,7 +32,7 @@ mod stats;
 mod tests;
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -194,6 +194,8 @@ struct Shared {
     actual: AtomicU32,
     poison_val: AtomicU32,
     stats_period: AtomicU32,
+    /// While set, nothing is given back to the host (bookkeeping goes on).
+    inhibited: AtomicBool,
     stats: Mutex<BalloonStats>,
     /// Set while the device is activated: where config-change interrupts go.
     interrupt: Mutex<Option<Arc<VirtioInterrupt>>>,
@@ -312,6 +314,20 @@ impl BalloonHandle {
         *lock(&self.shared.on_actual) = Some(Arc::new(f));
     }
 
+    /// Stop (`true`) or resume (`false`) giving memory back to the host, for as long as RAM
+    /// must stay populated (a snapshot or migration reading it, QEMU's "balloon inhibited").
+    /// Inflate, deflate and reports are still served and counted; what is not freed meanwhile
+    /// is counted in `discard_skipped_bytes` and stays with the VM until the guest gives it
+    /// again.
+    pub fn set_discard_inhibited(&self, inhibited: bool) {
+        self.shared.inhibited.store(inhibited, Ordering::Release);
+    }
+
+    /// Whether giving memory back is inhibited ([`BalloonHandle::set_discard_inhibited`]).
+    pub fn discard_inhibited(&self) -> bool {
+        self.shared.inhibited.load(Ordering::Acquire)
+    }
+
     /// The device's counters (the same as [`VirtioDevice::counters`]).
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         self.shared.counters.snapshot()
@@ -346,6 +362,7 @@ impl Balloon {
             actual: AtomicU32::new(0),
             poison_val: AtomicU32::new(0),
             stats_period: AtomicU32::new(cfg.stats_period),
+            inhibited: AtomicBool::new(false),
             stats: Mutex::default(),
             interrupt: Mutex::new(None),
             on_actual: Mutex::new(None),
@@ -661,7 +678,9 @@ fn count_discard(c: &Counters, result: Result<discard::Discarded, DiscardError>)
 
 /// Sorts the valid PFNs of one chunk, drops duplicates, and hands them to the discarder as runs
 /// of contiguous pages: one syscall per run.
-fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &mut Discarder, c: &Counters) {
+fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &mut Discarder, shared: &Shared) {
+    let c = &shared.counters;
+    let inhibited = shared.inhibited.load(Ordering::Acquire);
     pfns.sort_unstable();
     pfns.dedup();
     let pages = pfns.len() as u64;
@@ -678,6 +697,7 @@ fn apply_pfns(pfns: &mut Vec<u64>, dir: Direction, discarder: &mut Discarder, c:
         }
         let (gpa, len) = (start << BALLOON_PFN_SHIFT, (n as u64) << BALLOON_PFN_SHIFT);
         match dir {
+            Direction::Inflate if inhibited => Counters::add(&c.discard_skipped_bytes, len),
             Direction::Inflate => count_discard(c, discarder.inflate(gpa, len)),
             // Nothing to do for the memory itself: a page the guest touches again is faulted
             // in by the host (zeroed, or from the file). Only pieces of large host pages that
@@ -694,12 +714,13 @@ impl BalloonWorker {
     fn pfn_chain(
         mem: &GuestMemory,
         discarder: &mut Discarder,
-        c: &Counters,
+        shared: &Shared,
         bytes: &mut [u8],
         pfns: &mut Vec<u64>,
         dir: Direction,
         chain: DescriptorChain<&GuestMemory>,
     ) {
+        let c = &shared.counters;
         let mut total = 0usize;
         for desc in chain {
             if desc.is_write_only() {
@@ -757,7 +778,7 @@ impl BalloonWorker {
                         );
                     }
                 }
-                apply_pfns(pfns, dir, discarder, c);
+                apply_pfns(pfns, dir, discarder, shared);
                 total += n;
                 left -= n;
                 addr = GuestAddress(addr.0.wrapping_add((n * 4) as u64));
@@ -782,9 +803,8 @@ impl BalloonWorker {
             Direction::Deflate => deflate,
         };
         let _ = q.notify.read();
-        let c = &shared.counters;
         let result = q.drain(mem, irq, |chain| {
-            Self::pfn_chain(mem, discarder, c, pfn_bytes, pfns, dir, chain);
+            Self::pfn_chain(mem, discarder, shared, pfn_bytes, pfns, dir, chain);
             ChainOutcome::Used(0)
         });
         super::worker::ring_result("virtio-balloon", result, irq)
@@ -807,8 +827,10 @@ impl BalloonWorker {
         let _ = q.notify.read();
         let c = &shared.counters;
         // A guest that fills free pages with a non-zero pattern would find zeros in a freed
-        // page and take it for corruption: keep its pages (QEMU does the same).
-        let keep = *poison_negotiated && shared.poison_val.load(Ordering::Acquire) != 0;
+        // page and take it for corruption: keep its pages (QEMU does the same). Inflated pages
+        // are still freed: the driver writes a page before it uses it again after a deflate.
+        let keep = (*poison_negotiated && shared.poison_val.load(Ordering::Acquire) != 0)
+            || shared.inhibited.load(Ordering::Acquire);
         let result = q.drain(mem, irq, |chain| {
             for desc in chain {
                 let (addr, len) = (desc.addr().0, u64::from(desc.len()));

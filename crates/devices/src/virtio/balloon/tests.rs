@@ -789,3 +789,35 @@ fn pieces_of_large_host_pages_are_freed_once_the_whole_page_is_ballooned() {
     assert_eq!((d.freed, d.skipped), (HP, 3 * PAGE));
     assert_eq!(dis.partial_pages(), 0);
 }
+
+#[test]
+fn inhibited_discard_keeps_memory_until_lifted() {
+    let mut cfg = BalloonConfig::new(MEM_SIZE as u64);
+    cfg.free_page_reporting = true;
+    let (d, h) = new_balloon(cfg, anon_memory(MEM_SIZE as u64));
+    let (_, mut qs) = bring_up(&d, !0);
+    touch(&d.mem, 8 * MIB, 2 * MIB);
+    h.set_discard_inhibited(true);
+    assert!(h.discard_inhibited());
+    send_pfns(
+        &d,
+        &mut qs[0],
+        &(pfn(8 * MIB)..pfn(9 * MIB)).collect::<Vec<_>>(),
+    );
+    qs[3].add_chain(&d.mem, &[(9 * MIB, MIB as u32, true)]);
+    d.kick(3);
+    assert!(qs[3].wait_used(&d.mem).is_some());
+    assert_eq!(counter(&h, "inflated_pages"), 256);
+    assert_eq!(counter(&h, "reported_bytes"), MIB);
+    assert_eq!(counter(&h, "discarded_bytes"), 0);
+    assert_eq!(counter(&h, "discard_skipped_bytes"), 2 * MIB);
+    assert!(resident(&d.mem, 8 * MIB, 2 * MIB).iter().all(|&r| r));
+    h.set_discard_inhibited(false);
+    send_pfns(
+        &d,
+        &mut qs[0],
+        &(pfn(8 * MIB)..pfn(9 * MIB)).collect::<Vec<_>>(),
+    );
+    assert_eq!(counter(&h, "discarded_bytes"), MIB);
+    assert!(resident(&d.mem, 8 * MIB, MIB).iter().all(|&r| !r));
+}
