@@ -821,3 +821,50 @@ fn inhibited_discard_keeps_memory_until_lifted() {
     assert_eq!(counter(&h, "discarded_bytes"), MIB);
     assert!(resident(&d.mem, 8 * MIB, MIB).iter().all(|&r| !r));
 }
+
+#[test]
+fn privately_mapped_memfd_is_only_punched_when_owned() {
+    let size = 4 * MIB;
+    for (mode, file_freed) in [
+        (DiscardMode::Auto, false),
+        (DiscardMode::AutoOwnedFiles, true),
+    ] {
+        let file = memfd(size);
+        let region = MmapRegion::<()>::build(
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .unwrap();
+        let mem =
+            GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).unwrap()
+            ])
+            .unwrap();
+        // Read first (the memfd gets the pages), then write (private copies).
+        let mut buf = vec![0u8; (2 * MIB) as usize];
+        mem.read_slice(&mut buf, GuestAddress(MIB)).unwrap();
+        touch(&mem, MIB, 2 * MIB);
+        let before = file.metadata().unwrap().blocks() * 512;
+        assert!(before >= 2 * MIB, "{mode:?}: memfd holds {before}");
+        let dis = Discarder::new(&mem, mode);
+        assert_eq!(dis.discard(MIB, 2 * MIB).unwrap().freed, 2 * MIB);
+        // mincore on a file mapping sees the file's cached pages: with Auto they stay (only
+        // the private copies went), with AutoOwnedFiles they are gone too.
+        assert!(
+            resident(&mem, MIB, 2 * MIB)
+                .iter()
+                .all(|&r| r != file_freed),
+            "{mode:?}"
+        );
+        let after = file.metadata().unwrap().blocks() * 512;
+        assert_eq!(
+            after + 2 * MIB <= before,
+            file_freed,
+            "{mode:?}: {before} -> {after}"
+        );
+        // Either way the guest reads zeros (the file was never written through this mapping).
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0);
+    }
+}
