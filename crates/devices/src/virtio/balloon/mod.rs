@@ -318,7 +318,9 @@ impl BalloonHandle {
     /// must stay populated (a snapshot or migration reading it, QEMU's "balloon inhibited").
     /// Inflate, deflate and reports are still served and counted; what is not freed meanwhile
     /// is counted in `discard_skipped_bytes` and stays with the VM until the guest gives it
-    /// again.
+    /// again. Applies to requests the worker starts after the call; to be sure none is being
+    /// served at that moment, close the VM's `PauseGate` after setting it (`pause` waits for
+    /// the event in hand).
     pub fn set_discard_inhibited(&self, inhibited: bool) {
         self.shared.inhibited.store(inhibited, Ordering::Release);
     }
