@@ -1,11 +1,12 @@
 //! virtio 1.x over PCI: the modern transport, the device trait, worker threads and the
-//! block, net and rng devices.
+//! block, net, rng and balloon devices.
 //!
 //! Data flow: the guest writes a queue's notify register → KVM signals that queue's ioeventfd
 //! (registered by the transport through [`crate::IoEventRegistry`]) → the device's worker
 //! thread (epoll) pops descriptor chains with `virtio-queue`, does the I/O, fills the used ring
 //! → the worker raises the queue's MSI-X vector (an irqfd) → the guest.
 
+pub mod balloon;
 pub mod block;
 mod device;
 pub mod net;

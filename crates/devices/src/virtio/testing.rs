@@ -148,7 +148,11 @@ pub struct TestDriver {
 
 impl TestDriver {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
-        let mem = guest_memory();
+        Self::with_memory(device, guest_memory())
+    }
+
+    /// Like [`TestDriver::new`], on the given guest memory (at least 8 MiB from address 0).
+    pub fn with_memory(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Self {
         let routing = Arc::new(StubRouting::default());
         let ioevents = Arc::new(StubIoEvents::default());
         let dev = VirtioPciDevice::new(device, mem.clone(), routing.clone(), ioevents.clone())
