@@ -14,7 +14,7 @@ use rvirt_devices::{IoEventRegistry, MsiRouting};
 
 use crate::boot::GuestMem;
 use crate::bus::Bus;
-use crate::cli::{DiskConfig, DiskFormat, NetConfig};
+use crate::cli::{BalloonConfig, DiskConfig, DiskFormat, NetConfig};
 use crate::exits::ExitHandler;
 use crate::interrupts::{IoEvents, Routing};
 use crate::layout::*;
@@ -38,6 +38,8 @@ pub struct DeviceManager {
     pci: Arc<PciBus>,
     pm: Arc<Mutex<Pm>>,
     virtio: Vec<VirtioEntry>,
+    /// The balloon's control side, when the VM has one.
+    balloon: Option<virtio::balloon::BalloonHandle>,
     /// Writable images, flushed at exit.
     disks: Vec<(PathBuf, Arc<dyn rvirt_image::BlockDevice>)>,
     gate: PauseGate,
@@ -70,6 +72,7 @@ impl DeviceManager {
             pci,
             pm,
             virtio: Vec::new(),
+            balloon: None,
             disks: Vec::new(),
             gate: PauseGate::new(),
             mem: vm.mem.clone(),
@@ -206,6 +209,39 @@ impl DeviceManager {
         let mac = n.mac.unwrap_or_else(|| crate::cli::default_mac(index));
         let nic = virtio::net::Net::new(Arc::new(tap), virtio::net::NetConfig { mac });
         self.plug(Box::new(nic), id, Some(n.tap.clone()))
+    }
+
+    /// Adds the virtio balloon for `ram` bytes of guest RAM, asked to leave the guest `target`
+    /// bytes from the start (libvirt's `<currentMemory>`).
+    pub fn add_balloon(
+        &mut self,
+        cfg: &BalloonConfig,
+        ram: u64,
+        target: u64,
+    ) -> Result<(String, u8)> {
+        let (balloon, handle) = virtio::balloon::Balloon::new(virtio::balloon::BalloonConfig {
+            ram_size: ram,
+            deflate_on_oom: cfg.deflate_on_oom,
+            free_page_reporting: cfg.free_page_reporting,
+            stats_period: cfg.stats_period,
+            // Guest RAM is this process's own (anonymous memory or its own memfd): punching
+            // holes in a privately mapped memfd harms nobody.
+            discard: virtio::balloon::DiscardMode::AutoOwnedFiles,
+        })
+        .context("virtio-balloon")?;
+        handle.set_target_bytes(target);
+        // Runs on a vCPU thread with the device locked: only pass the news on.
+        let mailbox = self.mailbox.clone();
+        handle.on_actual_change(move |actual| mailbox.send(VmmMessage::BalloonChanged(actual)));
+        let id = self.unique_id(None, "balloon")?;
+        let added = self.plug(Box::new(balloon), id, None)?;
+        self.balloon = Some(handle);
+        Ok(added)
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&virtio::balloon::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Adds the virtio entropy device.

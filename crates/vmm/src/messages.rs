@@ -25,6 +25,8 @@ pub enum VmmMessage {
     ShuttingDown,
     /// The driver of virtio device number `index` set DRIVER_OK: start its workers.
     Activate(usize),
+    /// The guest moved the balloon: guest memory is now this many bytes.
+    BalloonChanged(u64),
 }
 
 /// The sending side, cheap to clone; sending to a VMM that is gone does nothing.

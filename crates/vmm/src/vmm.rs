@@ -4,10 +4,11 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState, VcpuThread};
+use rvirt_api::vmm::{BalloonStats, Event, ExitReason, Request, Response, RunState, VcpuThread};
 
 use crate::cli::VmConfig;
 use crate::console::Console;
@@ -18,12 +19,20 @@ use crate::vcpu_manager::{VcpuManager, VcpuSetup};
 use crate::vstate::{vcpu, vm::Vm};
 use crate::{boot, threads};
 
+/// Most one balloon event a second, as QEMU's BALLOON_CHANGE throttling.
+const BALLOON_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The running VM as its control loop sees it.
 struct Vmm {
     name: Option<String>,
     memory: u64,
     state: RunState,
     watchers: Vec<UnixStream>,
+    /// The balloon's latest size not yet told to watchers, and when they were last told: the
+    /// guest moves it in steps of 1 MiB, watchers hear at most one event a second (and the
+    /// final size).
+    balloon_event: Option<u64>,
+    balloon_told: Option<Instant>,
     vcpus: VcpuManager,
     devices: DeviceManager,
 }
@@ -57,6 +66,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     }
     if cfg.rng {
         devices.add_rng()?;
+    }
+    if let Some(b) = &cfg.balloon {
+        devices.add_balloon(b, ram, cfg.memory.current.unwrap_or(ram))?;
     }
 
     let mut affinity = vec![None; max_cpus as usize];
@@ -93,6 +105,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         memory: ram,
         state,
         watchers: Vec::new(),
+        balloon_event: None,
+        balloon_told: None,
         vcpus,
         devices,
     };
@@ -127,8 +141,17 @@ impl Vmm {
     /// Answers messages until the VM must stop; returns why.
     fn serve(&mut self, inbox: &Receiver<VmmMessage>) -> ExitReason {
         loop {
-            let Ok(msg) = inbox.recv() else {
-                return ExitReason::Error;
+            let msg = match self.balloon_event {
+                None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(_) => inbox.recv_timeout(BALLOON_EVENT_INTERVAL),
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.flush_balloon_event(true);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return ExitReason::Error,
             };
             match msg {
                 VmmMessage::Exit(reason) => return reason,
@@ -138,7 +161,78 @@ impl Vmm {
                 VmmMessage::Watch(s) => self.watchers.push(s),
                 VmmMessage::ShuttingDown => self.set_state(RunState::ShuttingDown),
                 VmmMessage::Activate(index) => self.devices.activate(index),
+                VmmMessage::BalloonChanged(actual) => {
+                    self.balloon_event = Some(actual);
+                    self.flush_balloon_event(false);
+                }
             }
+        }
+    }
+
+    /// Tells watchers the balloon's size if a change is pending and the last event is a second
+    /// old (or `now`).
+    fn flush_balloon_event(&mut self, now: bool) {
+        let due = now
+            || self
+                .balloon_told
+                .is_none_or(|t| t.elapsed() >= BALLOON_EVENT_INTERVAL);
+        if let (true, Some(actual_bytes)) = (due, self.balloon_event) {
+            self.balloon_event = None;
+            self.balloon_told = Some(Instant::now());
+            self.broadcast(&Event::BalloonChanged { actual_bytes });
+        }
+    }
+
+    fn answer_balloon(&mut self, req: &Request) -> Response {
+        let Some(b) = self.devices.balloon() else {
+            // QEMU's words, which scripts look for.
+            return Response::Error {
+                message: "No balloon device has been activated".into(),
+            };
+        };
+        match req {
+            Request::Balloon { target_bytes } => {
+                if *target_bytes == 0 {
+                    return Response::Error {
+                        message:
+                            "balloon target 0: give the memory the guest should keep (more than 0)"
+                                .into(),
+                    };
+                }
+                // QEMU clamps a target above the guest's RAM to the RAM size.
+                b.set_target_bytes((*target_bytes).min(b.ram_size()));
+                Response::Ok
+            }
+            Request::QueryBalloon => Response::Balloon {
+                actual_bytes: b.actual_bytes(),
+                target_bytes: b.target_bytes(),
+                max_bytes: b.ram_size(),
+            },
+            Request::BalloonStats => {
+                let s = b.stats();
+                Response::BalloonStats {
+                    stats: BalloonStats {
+                        swap_in: s.swap_in,
+                        swap_out: s.swap_out,
+                        major_fault: s.major_faults,
+                        minor_fault: s.minor_faults,
+                        unused: s.free_memory,
+                        available: s.total_memory,
+                        usable: s.available_memory,
+                        disk_caches: s.disk_caches,
+                        hugetlb_pgalloc: s.hugetlb_allocations,
+                        hugetlb_pgfail: s.hugetlb_failures,
+                        last_update: s.last_update,
+                    },
+                }
+            }
+            Request::SetBalloonStatsPeriod { seconds } => {
+                b.set_stats_period(*seconds);
+                Response::Ok
+            }
+            _ => Response::Error {
+                message: format!("{req:?} is not a balloon request"),
+            },
         }
     }
 
@@ -209,6 +303,10 @@ impl Vmm {
                 cpu_time_ns: cpu_time_ns(),
                 devices: self.devices.stats(),
             },
+            Request::Balloon { .. }
+            | Request::QueryBalloon
+            | Request::BalloonStats
+            | Request::SetBalloonStatsPeriod { .. } => self.answer_balloon(req),
             // The control socket answers these itself (it replies before the VM stops).
             Request::Quit | Request::Watch => Response::Ok,
             other => Response::Error {

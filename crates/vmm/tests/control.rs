@@ -339,3 +339,76 @@ fn config_file_pins_vcpus_and_the_emulator_threads() {
     assert_eq!(c.call(Request::Quit), Response::Ok);
     assert_eq!(wait_exit(&mut vm), Some(0));
 }
+
+#[test]
+fn balloon_requests_reach_the_balloon_device() {
+    let Some(vm) = start_with(
+        rvirt_testkit::idle().unwrap(),
+        "1",
+        &["--balloon", "stats_period=1,current=48M"],
+    ) else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    // No driver runs in the tiny guest: the balloon is empty (actual = all RAM), the start
+    // target waits in its config space.
+    assert_eq!(
+        c.call(Request::QueryBalloon),
+        Response::Balloon {
+            actual_bytes: 64 << 20,
+            target_bytes: 48 << 20,
+            max_bytes: 64 << 20
+        }
+    );
+    assert_eq!(
+        c.call(Request::Balloon {
+            target_bytes: 32 << 20
+        }),
+        Response::Ok
+    );
+    // Above the RAM size is clamped to it, as QEMU does.
+    assert_eq!(
+        c.call(Request::Balloon {
+            target_bytes: 1 << 40
+        }),
+        Response::Ok
+    );
+    match c.call(Request::QueryBalloon) {
+        Response::Balloon { target_bytes, .. } => assert_eq!(target_bytes, 64 << 20),
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(
+        c.call(Request::Balloon { target_bytes: 0 }),
+        Response::Error { .. }
+    ));
+    match c.call(Request::BalloonStats) {
+        Response::BalloonStats { stats } => assert_eq!(stats.last_update, 0, "{stats:?}"),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        c.call(Request::SetBalloonStatsPeriod { seconds: 5 }),
+        Response::Ok
+    );
+    match c.call(Request::Stats) {
+        Response::Stats { devices, .. } => {
+            let kinds: Vec<&str> = devices.iter().map(|d| d.kind.as_str()).collect();
+            assert_eq!(kinds, ["rng", "balloon"], "{devices:?}");
+            assert!(devices[1].counters.contains_key("inflated_pages"));
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn balloon_requests_without_a_balloon_get_qemus_error() {
+    let Some(vm) = start(rvirt_testkit::idle().unwrap(), "1") else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    assert_eq!(
+        c.call(Request::QueryBalloon),
+        Response::Error {
+            message: "No balloon device has been activated".into()
+        }
+    );
+}
