@@ -11,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod hotplug;
 pub mod interrupts;
 pub mod layout;
 pub mod term;

@@ -542,8 +542,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let mem = boot::create_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
     boot::write_boot_structures(&mem)?;
-    let rsdp =
-        crate::acpi::write_tables(&mem, cfg.cpus, cfg.memory).context("writing ACPI tables")?;
+    let acpi = crate::acpi::AcpiConfig {
+        boot_vcpus: cfg.cpus,
+        max_vcpus: cfg.cpus,
+        ram: cfg.memory,
+        pci_hotplug: false,
+    };
+    let rsdp = crate::acpi::write_tables(&mem, &acpi).context("writing ACPI tables")?;
     let entry = boot::load(&cfg, &mem, Some(rsdp))?;
 
     let shared = Arc::new(Shared::new(&cfg));
