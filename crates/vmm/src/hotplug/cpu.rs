@@ -6,7 +6,7 @@
 //! | offset | width | read | write |
 //! |---|---|---|---|
 //! | 0 | dword | selector | selector (`CSEL`): the vCPU the other registers refer to |
-//! | 4 | byte | flags of the selected vCPU: bit 0 `CPEN` present, bit 1 `CINS` insert event pending, bit 2 `CRMV` remove event pending; bit 3 reads 0 | bit 1 = 1 clears the insert event, bit 2 = 1 clears the remove event, bit 3 `CEJ0` = 1 ejects the selected vCPU (honoured only after [`CpuHotplug::unplug`]); bit 0 ignored |
+//! | 4 | byte | flags of the selected vCPU: bit 0 `CPEN` present, bit 1 `CINS` insert event pending, bit 2 `CRMV` remove event pending; bits 3–7 read 0 | bit 1 = 1 clears the insert event, bit 2 = 1 clears the remove event, bit 3 `CEJ0` = 1 ejects the selected vCPU (honoured only after [`CpuHotplug::unplug`]); bit 0 ignored |
 //! | 5 | byte | 0 | command (`CCMD`): [`CMD_NEXT_EVENT`] |
 //! | 6, 7 | | 0 | ignored |
 //! | 8 | dword | command data (`CDAT`): the result of the last command | ignored |
@@ -14,6 +14,11 @@
 //! [`CMD_NEXT_EVENT`] puts in `CDAT` the lowest vCPU id ≥ the selector with an insert or remove
 //! event pending, or `max` when there is none; the scan method uses it to skip idle vCPUs.
 //! A selector ≥ `max` selects nothing: flags read 0, flag writes are ignored.
+//!
+//! The AML does not trust the port blindly: `CSTA` reports a vCPU present only when the
+//! flags byte has bit 0 set *and* bits 3–7 clear (an I/O port no device decodes reads 0xFF,
+//! which would otherwise make every possible vCPU look present), and `CSCN` ends after at
+//! most `max` turns whatever `CDAT` says.
 //!
 //! AML ([`aml`]): `\_SB.PRES` (PNP0A06) holds the operation region, its fields and the mutex
 //! `CPLK`; `\_SB.CPUS` (ACPI0010) holds one `Device (Cxxx)` (ACPI0007, `_UID` = id, `C%03X`)
@@ -23,9 +28,9 @@
 //! "eject request", acknowledging each), all under `CPLK`.
 
 use acpi_tables::aml::{
-    self, Acquire, Add, AmlStr, BufferData, Device, EISAName, Equal, FieldAccessType, FieldEntry,
-    FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, MethodCall, Name, Notify,
-    OpRegion, OpRegionSpace, Path, Release, ResourceTemplate, Return, Store, While, IO,
+    self, Acquire, Add, AmlStr, And, BufferData, Device, EISAName, Equal, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, MethodCall, Name,
+    Notify, OpRegion, OpRegionSpace, Path, Release, ResourceTemplate, Return, Store, While, IO,
 };
 use acpi_tables::Aml;
 use rvirt_devices::guest_warn;
@@ -311,7 +316,7 @@ pub fn aml(max: u32, port: u16) -> Vec<u8> {
 
 const CPLK: &str = "\\_SB_.PRES.CPLK";
 const CSEL: &str = "\\_SB_.PRES.CSEL";
-const CPEN: &str = "\\_SB_.PRES.CPEN";
+const CFLG: &str = "\\_SB_.PRES.CFLG";
 const CINS: &str = "\\_SB_.PRES.CINS";
 const CRMV: &str = "\\_SB_.PRES.CRMV";
 const CEJ0: &str = "\\_SB_.PRES.CEJ0";
@@ -356,6 +361,14 @@ fn pres_aml(port: u16) -> Vec<u8> {
             FieldEntry::Named(*b"CCMD", 8),
         ],
     );
+    // The whole flags byte, for CSTA's sanity check.
+    let f_byte = aml::Field::new(
+        "PRST".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Reserved(32), FieldEntry::Named(*b"CFLG", 8)],
+    );
     let f_data = aml::Field::new(
         "PRST".into(),
         FieldAccessType::DWord,
@@ -366,7 +379,7 @@ fn pres_aml(port: u16) -> Vec<u8> {
     aml_seq(&[&Device::new(
         "PRES".into(),
         vec![
-            &n_hid, &n_uid, &n_crs, &n_sta, &mutex, &region, &f_sel, &f_flags, &f_data,
+            &n_hid, &n_uid, &n_crs, &n_sta, &mutex, &region, &f_sel, &f_flags, &f_byte, &f_data,
         ],
     )])
 }
@@ -387,8 +400,11 @@ fn cpus_aml(max: u32) -> Vec<u8> {
     let sta_f: u8 = 0x0f;
     let l0_zero = Store::new(&l0, &zero);
     let l0_f = Store::new(&l0, &sta_f);
-    let cpen = Path::new(CPEN);
-    let is_en = Equal::new(&cpen, &one);
+    // Present: bit 0 set, bits 3-7 (which the controller reads as 0) clear.
+    let cflg = Path::new(CFLG);
+    let sane_mask: u8 = 0xf9;
+    let flags = And::new(&zero, &cflg, &sane_mask);
+    let is_en = Equal::new(&flags, &one);
     let if_en = If::new(&is_en, vec![&l0_f]);
     let ret_l0 = Return::new(&l0);
     let acquire = Acquire::new(CPLK.into(), ones);
@@ -450,9 +466,17 @@ fn cpus_aml(max: u32) -> Vec<u8> {
     let if_rmv = If::new(&rmv_set, vec![&tfy_rmv, &ack_rmv]);
     let found = LessThan::new(&l1, &max);
     let if_found = If::new(&found, vec![&sel_l1, &if_ins, &if_rmv]);
+    // The walk must end whatever the port returns (no controller on the bus reads all ones,
+    // a broken one anything): Local0 grows on every turn.
+    let backwards = LessThan::new(&l1, &l0);
+    let l1_l0 = Store::new(&l1, &l0);
+    let if_backwards = If::new(&backwards, vec![&l1_l0]);
     let next = Add::new(&l0, &l1, &one);
     let more = LessThan::new(&l0, &max);
-    let walk = While::new(&more, vec![&sel_l0, &run_cmd, &l1_dat, &if_found, &next]);
+    let walk = While::new(
+        &more,
+        vec![&sel_l0, &run_cmd, &l1_dat, &if_backwards, &if_found, &next],
+    );
     let cscn = Method::new(
         "CSCN".into(),
         0,
@@ -529,7 +553,10 @@ mod tests {
         let mut out = Vec::new();
         let mut i = 0;
         while i < max {
-            let n = next_event(c, i);
+            let mut n = next_event(c, i);
+            if n < i {
+                n = i;
+            }
             if n < max {
                 select(c, n);
                 if flags(c) & FLAG_INSERT != 0 {

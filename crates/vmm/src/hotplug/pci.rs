@@ -10,6 +10,9 @@
 //! | 8 | `B0EJ` | 0 | 1 bits eject those slots (honoured only after [`PciHotplug::unplug`]) |
 //! | 12 | `PSEG` | 0 (the only segment) | reserved for a segment selector: ignored |
 //!
+//! `PCNT` notifies nothing unless `PSEG` reads 0: an I/O port no device decodes reads all
+//! ones, and `PCIU`/`PCID` of all ones would ask the guest to eject every slot.
+//!
 //! Slots 1..=31 are hotpluggable; slot 0 is the host bridge.
 //!
 //! AML: `\_SB.PHPR` (PNP0A06; [`controller_aml`]) holds the region, the fields, the mutex
@@ -20,9 +23,9 @@
 //! the slots to remove. Linux's acpiphp picks the slots up because they have `_ADR` and `_EJ0`.
 
 use acpi_tables::aml::{
-    self, Acquire, AmlStr, And, Device, EISAName, FieldAccessType, FieldEntry, FieldLockRule,
-    FieldUpdateRule, If, Local, Method, MethodCall, Name, Notify, OpRegion, OpRegionSpace, Path,
-    Release, ResourceTemplate, Return, ShiftLeft, Store, IO,
+    self, Acquire, AmlStr, And, Device, EISAName, Equal, FieldAccessType, FieldEntry,
+    FieldLockRule, FieldUpdateRule, If, Local, Method, MethodCall, Name, Notify, OpRegion,
+    OpRegionSpace, Path, Release, ResourceTemplate, Return, ShiftLeft, Store, IO,
 };
 use acpi_tables::Aml;
 use rvirt_devices::guest_warn;
@@ -196,6 +199,7 @@ const BLCK: &str = "\\_SB_.PHPR.BLCK";
 const PCIU: &str = "\\_SB_.PHPR.PCIU";
 const PCID: &str = "\\_SB_.PHPR.PCID";
 const PCEJ: &str = "\\_SB_.PHPR.PCEJ";
+const PSEG: &str = "\\_SB_.PHPR.PSEG";
 
 /// `\_SB` child: the `PHPR` device for the controller at I/O port `port`.
 pub fn controller_aml(port: u16) -> Vec<u8> {
@@ -278,6 +282,12 @@ pub fn pci0_aml() -> Vec<u8> {
     let pcid = Path::new(PCID);
     let get_up = Store::new(&l0, &pciu);
     let get_down = Store::new(&l1, &pcid);
+    let pseg = Path::new(PSEG);
+    let present = Equal::new(&pseg, &zero);
+    let l0_zero = Store::new(&l0, &zero);
+    let l1_zero = Store::new(&l1, &zero);
+    let read = If::new(&present, vec![&get_up, &get_down]);
+    let absent = aml::Else::new(vec![&l0_zero, &l1_zero]);
     let dev_check: u8 = 1;
     let eject_req: u8 = 3;
     let n_up = MethodCall::new("DVNT".into(), vec![&l0, &dev_check]);
@@ -286,7 +296,7 @@ pub fn pci0_aml() -> Vec<u8> {
         "PCNT".into(),
         0,
         true,
-        vec![&acquire, &get_up, &get_down, &release, &n_up, &n_down],
+        vec![&acquire, &read, &absent, &release, &n_up, &n_down],
     );
 
     let mut items: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
