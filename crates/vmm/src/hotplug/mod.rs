@@ -84,10 +84,112 @@ pub(crate) fn aml_seq(items: &[&dyn Aml]) -> Vec<u8> {
     v
 }
 
-/// A read of the little-endian register file `regs` at `offset`: each byte of `data` comes from
-/// `byte(offset + i)`; offsets that overflow read 0.
+/// A read at `offset` of a device whose registers are handled byte by byte: `data[i]` comes
+/// from `byte(offset + i)`; offsets that overflow read 0.
 pub(crate) fn read_bytes(offset: u64, data: &mut [u8], mut byte: impl FnMut(u64) -> u8) {
     for (i, d) in data.iter_mut().enumerate() {
         *d = offset.checked_add(i as u64).map(&mut byte).unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+
+    use super::cpu::{self, CpuHotplug};
+    use super::ged::{self, Ged};
+    use super::pci::{self, PciHotplug};
+    use crate::bus::Bus;
+    use crate::layout::ports;
+
+    fn inl(bus: &Bus, port: u16) -> u32 {
+        let mut d = [0u8; 4];
+        assert!(bus.read(port.into(), &mut d), "nothing at {port:#x}");
+        u32::from_le_bytes(d)
+    }
+
+    fn inb(bus: &Bus, port: u16) -> u8 {
+        let mut d = [0u8; 1];
+        assert!(bus.read(port.into(), &mut d), "nothing at {port:#x}");
+        d[0]
+    }
+
+    fn out(bus: &Bus, port: u16, data: &[u8]) {
+        assert!(bus.write(port.into(), data), "nothing at {port:#x}");
+    }
+
+    /// The three devices at their layout ports on one bus, driven the way the AML drives them:
+    /// a vCPU hot-add and hot-remove and a PCI hot-add and hot-remove, with the ejects reaching
+    /// the VMM's channels.
+    #[test]
+    fn hotplug_flows_through_the_port_bus() {
+        let bus = Bus::new();
+        let irqs = Arc::new(AtomicUsize::new(0));
+        let i = irqs.clone();
+        let ged = Arc::new(Mutex::new(Ged::new(Box::new(move || {
+            i.fetch_add(1, Ordering::SeqCst);
+        }))));
+        let mut c = CpuHotplug::new(1, 4).unwrap();
+        let (cpu_tx, cpu_rx) = mpsc::channel();
+        c.set_eject_handler(Box::new(move |id| cpu_tx.send(id).unwrap()));
+        let cpus = Arc::new(Mutex::new(c));
+        let mut p = PciHotplug::new();
+        let (pci_tx, pci_rx) = mpsc::channel();
+        p.set_eject_handler(Box::new(move |s| pci_tx.send(s).unwrap()));
+        p.cold_plug(1).unwrap();
+        let slots = Arc::new(Mutex::new(p));
+        bus.insert(ports::CPU_HOTPLUG.into(), cpu::REG_LEN, cpus.clone())
+            .unwrap();
+        bus.insert(ports::GED.into(), ged::REG_LEN, ged.clone())
+            .unwrap();
+        bus.insert(ports::PCI_HOTPLUG.into(), pci::REG_LEN, slots.clone())
+            .unwrap();
+        // The block ends right below the PCI configuration address port.
+        assert_eq!(u64::from(ports::PCI_HOTPLUG) + pci::REG_LEN, 0xcf8);
+        let cpu_sel = ports::CPU_HOTPLUG;
+        let cpu_flags = ports::CPU_HOTPLUG + 4;
+
+        // vCPU 2 hot-add.
+        cpus.lock().unwrap().plug(2).unwrap();
+        ged.lock().unwrap().notify(ged::EVENT_CPU);
+        assert_eq!(irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(inl(&bus, ports::GED), ged::EVENT_CPU);
+        assert_eq!(inl(&bus, ports::GED), 0);
+        out(&bus, cpu_sel, &0u32.to_le_bytes());
+        out(&bus, ports::CPU_HOTPLUG + 5, &[cpu::CMD_NEXT_EVENT]);
+        assert_eq!(inl(&bus, ports::CPU_HOTPLUG + 8), 2);
+        out(&bus, cpu_sel, &2u32.to_le_bytes());
+        assert_eq!(inb(&bus, cpu_flags), cpu::FLAG_ENABLED | cpu::FLAG_INSERT);
+        out(&bus, cpu_flags, &[cpu::FLAG_INSERT]);
+        assert_eq!(inb(&bus, cpu_flags), cpu::FLAG_ENABLED);
+
+        // vCPU 2 hot-remove: nothing is reported before the guest's _EJ0.
+        cpus.lock().unwrap().unplug(2).unwrap();
+        ged.lock().unwrap().notify(ged::EVENT_CPU);
+        assert_eq!(inl(&bus, ports::GED), ged::EVENT_CPU);
+        assert_eq!(inb(&bus, cpu_flags), cpu::FLAG_ENABLED | cpu::FLAG_REMOVE);
+        out(&bus, cpu_flags, &[cpu::FLAG_REMOVE]);
+        assert!(cpu_rx.try_recv().is_err());
+        out(&bus, cpu_flags, &[cpu::FLAG_EJECT]);
+        assert_eq!(cpu_rx.try_recv(), Ok(2));
+        assert!(cpu_rx.try_recv().is_err());
+        assert_eq!(inb(&bus, cpu_flags), 0);
+
+        // PCI slot 4 hot-add, slot 1 (cold-plugged) hot-remove, in one GED event.
+        slots.lock().unwrap().plug(4).unwrap();
+        slots.lock().unwrap().unplug(1).unwrap();
+        ged.lock().unwrap().notify(ged::EVENT_PCI);
+        assert_eq!(irqs.load(Ordering::SeqCst), 3);
+        assert_eq!(inl(&bus, ports::GED), ged::EVENT_PCI);
+        assert_eq!(inl(&bus, ports::PCI_HOTPLUG + 12), 0, "PSEG");
+        assert_eq!(inl(&bus, ports::PCI_HOTPLUG), 1 << 4);
+        assert_eq!(inl(&bus, ports::PCI_HOTPLUG + 4), 1 << 1);
+        assert!(pci_rx.try_recv().is_err());
+        out(&bus, ports::PCI_HOTPLUG + 8, &(1u32 << 1).to_le_bytes());
+        assert_eq!(pci_rx.try_recv(), Ok(1));
+        assert!(pci_rx.try_recv().is_err());
+        assert!(!slots.lock().unwrap().occupied(1));
+        assert!(slots.lock().unwrap().occupied(4));
     }
 }
