@@ -20,7 +20,7 @@
 //! which would otherwise make every possible vCPU look present), and `CSCN` ends after at
 //! most `max` turns whatever `CDAT` says.
 //!
-//! AML ([`aml`]): `\_SB.PRES` (PNP0A06) holds the operation region, its fields and the mutex
+//! AML ([`aml()`]): `\_SB.PRES` (PNP0A06) holds the operation region, its fields and the mutex
 //! `CPLK`; `\_SB.CPUS` (ACPI0010) holds one `Device (Cxxx)` (ACPI0007, `_UID` = id, `C%03X`)
 //! per possible vCPU with `_STA`, `_MAT` and (but for vCPU 0) `_EJ0`, and the methods `CSTA`
 //! (status of vCPU Arg0), `CEJT` (eject vCPU Arg0), `CTFY` (Notify vCPU Arg0 with Arg1) and

@@ -4,7 +4,7 @@
 //! Register (port I/O, [`REG_LEN`] bytes): a little-endian dword of pending event bits
 //! ([`EVENT_CPU`], [`EVENT_PCI`]); **reading clears** the bits read; writes are ignored.
 //!
-//! AML ([`aml`]): `\_SB.GED_` with `_HID "ACPI0013"`, `_CRS` = one extended interrupt
+//! AML ([`aml()`]): `\_SB.GED_` with `_HID "ACPI0013"`, `_CRS` = one extended interrupt
 //! (edge-triggered, active high, exclusive) and `_EVT`, which reads the selector once and calls
 //! `\_SB.CPUS.CSCN` for [`EVENT_CPU`] and `\_SB.PCI0.PCNT` for [`EVENT_PCI`]. Linux's GED
 //! driver (drivers/acpi/evged.c, built in on every platform) requests the interrupt with a
