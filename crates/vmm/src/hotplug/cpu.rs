@@ -305,8 +305,8 @@ pub fn device_name(id: u32) -> String {
     format!("C{id:03X}")
 }
 
-/// `\_SB` children for vCPU hotplug with `max` possible vCPUs and the controller at I/O
-/// port `port`: the `PRES` resource device and the `CPUS` container.
+/// `\_SB` children for vCPU hotplug with `max` possible vCPUs (at most [`MAX_VCPUS`]) and the
+/// controller at I/O port `port`: the `PRES` resource device and the `CPUS` container.
 pub fn aml(max: u32, port: u16) -> Vec<u8> {
     let max = max.min(MAX_VCPUS);
     let pres = pres_aml(port);
