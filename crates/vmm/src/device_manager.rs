@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rvirt_api::vmm::DeviceStats;
 use rvirt_devices::pci::{PciBus, PciWindows};
 use rvirt_devices::virtio::{self, PauseGate, VirtioPciDevice};
@@ -16,11 +16,16 @@ use crate::boot::GuestMem;
 use crate::bus::Bus;
 use crate::cli::{BalloonConfig, DiskConfig, DiskFormat, NetConfig};
 use crate::exits::ExitHandler;
+use crate::hotplug::{self, cpu::CpuHotplug, ged::Ged, pci::PciHotplug};
 use crate::interrupts::{IoEvents, Routing};
 use crate::layout::*;
 use crate::legacy::{self, pm::Pm, serial::Com1};
 use crate::messages::{Mailbox, VmmMessage};
 use crate::vstate::vm::Vm;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A virtio function and what it is for.
 struct VirtioEntry {
@@ -40,6 +45,11 @@ pub struct DeviceManager {
     virtio: Vec<VirtioEntry>,
     /// The balloon's control side, when the VM has one.
     balloon: Option<virtio::balloon::BalloonHandle>,
+    /// ACPI hotplug: the GED that interrupts the guest, the vCPU controller (when vCPUs can be
+    /// added) and the PCI slot controller.
+    ged: Arc<Mutex<Ged>>,
+    cpu_hotplug: Option<Arc<Mutex<CpuHotplug>>>,
+    pci_hotplug: Arc<Mutex<PciHotplug>>,
     /// Writable images, flushed at exit.
     disks: Vec<(PathBuf, Arc<dyn rvirt_image::BlockDevice>)>,
     gate: PauseGate,
@@ -52,11 +62,52 @@ pub struct DeviceManager {
 impl DeviceManager {
     /// The buses, the platform devices (COM1 from the console, the PM block raising the SCI)
     /// and an empty PCI bus with its windows for `vm`'s RAM size.
-    pub fn new(vm: &Vm, ram: u64, com1: Arc<Mutex<Com1>>, mailbox: &Mailbox) -> Result<Self> {
+    /// The hotplug controllers go on the bus here, before any vCPU runs, as the ACPI tables
+    /// written for `boot`/`max` vCPUs expect.
+    pub fn new(
+        vm: &Vm,
+        ram: u64,
+        (boot, max): (u32, u32),
+        com1: Arc<Mutex<Com1>>,
+        mailbox: &Mailbox,
+    ) -> Result<Self> {
         let sci = vm.irqfd(9, "the ACPI SCI")?;
         let pm = Arc::new(Mutex::new(Pm::new(Some(sci), mailbox.clone())));
         let pio = Arc::new(Bus::new());
         legacy::install(&pio, com1, pm.clone(), mailbox).context("platform devices")?;
+        let ged = Arc::new(Mutex::new(Ged::with_eventfd(
+            vm.irqfd(GED_GSI, "the ACPI GED")?,
+        )));
+        pio.insert(u64::from(ports::GED), hotplug::ged::REG_LEN, ged.clone())
+            .context("ACPI GED")?;
+        // Eject handlers run on a vCPU thread with the controller locked: pass the news on.
+        let mut pci_hp = PciHotplug::new();
+        let m = mailbox.clone();
+        pci_hp.set_eject_handler(Box::new(move |slot| {
+            m.send(VmmMessage::SlotEjected(slot as u8))
+        }));
+        let pci_hotplug = Arc::new(Mutex::new(pci_hp));
+        pio.insert(
+            u64::from(ports::PCI_HOTPLUG),
+            hotplug::pci::REG_LEN,
+            pci_hotplug.clone(),
+        )
+        .context("PCI hotplug controller")?;
+        let cpu_hotplug = if max > boot {
+            let mut c = CpuHotplug::new(boot, max).context("vCPU hotplug controller")?;
+            let m = mailbox.clone();
+            c.set_eject_handler(Box::new(move |id| m.send(VmmMessage::VcpuEjected(id))));
+            let c = Arc::new(Mutex::new(c));
+            pio.insert(
+                u64::from(ports::CPU_HOTPLUG),
+                hotplug::cpu::REG_LEN,
+                c.clone(),
+            )
+            .context("vCPU hotplug controller")?;
+            Some(c)
+        } else {
+            None
+        };
         let routing: Arc<dyn MsiRouting> =
             Arc::new(Routing::new(vm.fd.clone()).map_err(|e| anyhow::anyhow!("GSI routing: {e}"))?);
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(IoEvents { vm: vm.fd.clone() });
@@ -73,6 +124,9 @@ impl DeviceManager {
             pm,
             virtio: Vec::new(),
             balloon: None,
+            ged,
+            cpu_hotplug,
+            pci_hotplug,
             disks: Vec::new(),
             gate: PauseGate::new(),
             mem: vm.mem.clone(),
@@ -119,16 +173,17 @@ impl DeviceManager {
         )
         .with_context(|| format!("virtio-{kind} {id}"))?;
         dev.set_pause_gate(self.gate.clone());
-        // Workers start on the VMM thread (its affinity, no vCPU exit held up), not inside the
-        // guest's status write.
-        let index = self.virtio.len();
-        let mailbox = self.mailbox.clone();
-        dev.set_activation_hook(Box::new(move || mailbox.send(VmmMessage::Activate(index))));
         let device = Arc::new(Mutex::new(dev));
         let addr = self
             .pci
             .add_device(device.clone())
             .map_err(|e| anyhow::anyhow!("adding virtio-{kind} {id} to the PCI bus: {e}"))?;
+        // Workers start on the VMM thread (its affinity, no vCPU exit held up), not inside the
+        // guest's status write.
+        let slot = addr.device;
+        let mailbox = self.mailbox.clone();
+        lock(&device)
+            .set_activation_hook(Box::new(move || mailbox.send(VmmMessage::Activate(slot))));
         self.virtio.push(VirtioEntry {
             id: id.clone(),
             kind,
@@ -251,14 +306,89 @@ impl DeviceManager {
         self.plug(Box::new(rng), id, Some("/dev/urandom".into()))
     }
 
-    /// Starts virtio device `index` if its driver is (still) ready.
-    pub fn activate(&self, index: usize) {
-        if let Some(e) = self.virtio.get(index) {
-            e.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .activate_pending();
+    /// Starts the virtio device in `slot` if its driver is (still) ready.
+    pub fn activate(&self, slot: u8) {
+        if let Some(e) = self.virtio.iter().find(|e| e.slot == slot) {
+            lock(&e.device).activate_pending();
         }
+    }
+
+    /// Marks the devices present at boot in the PCI hotplug controller (no event: the guest
+    /// finds them when it enumerates the bus).
+    pub fn cold_plugged(&self) -> Result<()> {
+        let mut hp = lock(&self.pci_hotplug);
+        for e in &self.virtio {
+            hp.cold_plug(u32::from(e.slot))
+                .with_context(|| format!("PCI slot {} of {}", e.slot, e.id))?;
+        }
+        Ok(())
+    }
+
+    /// Tells the guest a device was added in `slot` (ACPI PCI hotplug).
+    pub fn announce_slot(&self, slot: u8) -> Result<()> {
+        lock(&self.pci_hotplug)
+            .plug(u32::from(slot))
+            .with_context(|| format!("PCI slot {slot}"))?;
+        lock(&self.ged).notify(hotplug::ged::EVENT_PCI);
+        Ok(())
+    }
+
+    /// Asks the guest to release device `id`; its slot is ejected later
+    /// ([`DeviceManager::remove_slot`]).
+    pub fn request_removal(&self, id: &str) -> Result<u8> {
+        let Some(e) = self.virtio.iter().find(|e| e.id == id) else {
+            let ids: Vec<&str> = self.virtio.iter().map(|e| e.id.as_str()).collect();
+            bail!("no device {id:?} in this VM (devices: {})", ids.join(", "));
+        };
+        if e.kind == "rng" || e.kind == "balloon" {
+            bail!("device {id:?} ({}) cannot be unplugged", e.kind);
+        }
+        lock(&self.pci_hotplug)
+            .unplug(u32::from(e.slot))
+            .with_context(|| format!("unplugging {id}"))?;
+        lock(&self.ged).notify(hotplug::ged::EVENT_PCI);
+        Ok(e.slot)
+    }
+
+    /// Takes the device the guest ejected from `slot` off the bus and drops it: its workers
+    /// stop, its ioeventfds and MSI vectors go, a disk is flushed and closed (its image lock
+    /// released), a TAP is closed. Returns its id.
+    pub fn remove_slot(&mut self, slot: u8) -> Result<String> {
+        let pos = self
+            .virtio
+            .iter()
+            .position(|e| e.slot == slot)
+            .with_context(|| format!("slot {slot} holds no virtio device"))?;
+        self.pci
+            .remove_device(slot)
+            .map_err(|e| anyhow::anyhow!("removing slot {slot}: {e}"))?;
+        let e = self.virtio.remove(pos);
+        if let Some(path) = &e.backend {
+            if let Some(i) = self
+                .disks
+                .iter()
+                .position(|(p, _)| p.display().to_string() == *path)
+            {
+                let (p, disk) = self.disks.remove(i);
+                if let Err(err) = disk.flush() {
+                    log::error!("flushing unplugged disk {} failed: {err}", p.display());
+                }
+            }
+        }
+        if Arc::strong_count(&e.device) > 1 {
+            log::warn!("unplugged {} is still referenced; it is freed later", e.id);
+        }
+        Ok(e.id)
+    }
+
+    /// The vCPU hotplug controller, when vCPUs can be added.
+    pub fn cpu_hotplug(&self) -> Option<&Arc<Mutex<CpuHotplug>>> {
+        self.cpu_hotplug.as_ref()
+    }
+
+    /// Raises the GED with `events` (hotplug::ged::EVENT_*).
+    pub fn notify(&self, events: u32) {
+        lock(&self.ged).notify(events);
     }
 
     /// Counters of every virtio device.
@@ -266,10 +396,7 @@ impl DeviceManager {
         self.virtio
             .iter()
             .map(|e| {
-                let counters: BTreeMap<String, u64> = e
-                    .device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                let counters: BTreeMap<String, u64> = lock(&e.device)
                     .counters()
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))

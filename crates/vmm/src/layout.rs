@@ -69,7 +69,26 @@ pub mod ports {
     pub const RESET: u16 = 0xcf9;
     /// Reset value written to [`RESET`] by the FADT reset register.
     pub const RESET_VALUE: u8 = 0x06;
+    // The hotplug registers (crate::hotplug) share one 32-byte block, 0xCD8–0xCF7, just below
+    // the PCI configuration ports. Port I/O like the PM1 block, so no MMIO range has to be
+    // carved out of the 32-bit hole. Below 0x1000, so Linux never hands the range to a PCI
+    // I/O BAR (it allocates I/O from 0x1000 up) and the VMM's own PCI I/O window
+    // (0xC000–0xF000) is far away. 0xCD8 is also where QEMU's q35 puts its CPU hotplug block.
+    /// vCPU hotplug controller (`hotplug::cpu`, 12 bytes: 0xCD8–0xCE3).
+    pub const CPU_HOTPLUG: u16 = 0xcd8;
+    /// GED event selector (`hotplug::ged`, 4 bytes: 0xCE4–0xCE7).
+    pub const GED: u16 = 0xce4;
+    /// PCI hotplug controller of the root bus (`hotplug::pci`, 16 bytes: 0xCE8–0xCF7).
+    pub const PCI_HOTPLUG: u16 = 0xce8;
 }
+
+/// GSI of the ACPI Generic Event Device (edge-triggered, active high). Free: GSI 0/2 are the
+/// PIT, 4 COM1, 9 the SCI, 1/8/12 are the i8042 and RTC lines and 3/6/7/14/15 the other
+/// classic ISA lines (COM2, floppy, LPT, IDE) a future device may want; the DSDT has no `_PRT`
+/// (PCI devices use MSI-X), and 16–23 are kept for a future PCI INTx routing. An ISA-range GSI
+/// takes the path COM1 already takes (irqfd → PIC + IOAPIC pin, edge, the ISA default
+/// polarity, so the MADT needs no override).
+pub const GED_GSI: u32 = 5;
 
 /// Size of the 64-bit PCI window.
 pub const PCI_MMIO64_SIZE: u64 = 64 << 30;

@@ -23,8 +23,12 @@ pub enum VmmMessage {
     Exit(ExitReason),
     /// The guest acknowledged a power-button press: it is shutting down.
     ShuttingDown,
-    /// The driver of virtio device number `index` set DRIVER_OK: start its workers.
-    Activate(usize),
+    /// The driver of the virtio device in PCI slot `n` set DRIVER_OK: start its workers.
+    Activate(u8),
+    /// The guest ejected vCPU `n` (after an unplug request).
+    VcpuEjected(u32),
+    /// The guest ejected the device in PCI slot `n` (after an unplug request).
+    SlotEjected(u8),
     /// The guest moved the balloon: guest memory is now this many bytes.
     BalloonChanged(u64),
 }

@@ -50,14 +50,30 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let (boot_cpus, max_cpus, ram) = (cfg.cpus.boot, cfg.cpus.max(), cfg.memory.size);
     let vm = Vm::new(max_cpus, ram, &cfg.memory.backing)?;
     boot::write_boot_structures(&vm.mem)?;
-    let rsdp = crate::acpi::write_tables(&vm.mem, boot_cpus, ram).context("writing ACPI tables")?;
+    // ACPI PCI hotplug is always on, as on QEMU's machines; vCPU hotplug when max > boot.
+    let rsdp = crate::acpi::write_tables(
+        &vm.mem,
+        &crate::acpi::AcpiConfig {
+            boot_vcpus: boot_cpus,
+            max_vcpus: max_cpus,
+            ram,
+            pci_hotplug: true,
+        },
+    )
+    .context("writing ACPI tables")?;
     let entry = boot::load(&cfg, &vm.mem, Some(rsdp))?;
 
     let (mailbox, inbox) = messages::mailbox();
     vcpu::install_kick_handler()?;
     let signals = QuitSignals::start(mailbox.clone())?;
     let console = Console::open(&cfg.serial, vm.irqfd(4, "COM1")?, &mailbox)?;
-    let mut devices = DeviceManager::new(&vm, ram, console.com1.clone(), &mailbox)?;
+    let mut devices = DeviceManager::new(
+        &vm,
+        ram,
+        (boot_cpus, max_cpus),
+        console.com1.clone(),
+        &mailbox,
+    )?;
     for d in &cfg.disks {
         devices.add_disk(d)?;
     }
@@ -70,6 +86,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     if let Some(b) = &cfg.balloon {
         devices.add_balloon(b, ram, cfg.memory.current.unwrap_or(ram))?;
     }
+    devices.cold_plugged()?;
 
     let mut affinity = vec![None; max_cpus as usize];
     for a in &cfg.vcpu_affinity {
@@ -160,7 +177,15 @@ impl Vmm {
                 }
                 VmmMessage::Watch(s) => self.watchers.push(s),
                 VmmMessage::ShuttingDown => self.set_state(RunState::ShuttingDown),
-                VmmMessage::Activate(index) => self.devices.activate(index),
+                VmmMessage::Activate(slot) => self.devices.activate(slot),
+                VmmMessage::VcpuEjected(id) => self.vcpu_ejected(id),
+                VmmMessage::SlotEjected(slot) => match self.devices.remove_slot(slot) {
+                    Ok(id) => {
+                        log::info!("the guest ejected {id} (slot {slot}); it is removed");
+                        self.broadcast(&Event::DeviceRemoved { id });
+                    }
+                    Err(e) => log::warn!("guest ejected slot {slot}: {e:#}"),
+                },
                 VmmMessage::BalloonChanged(actual) => {
                     self.balloon_event = Some(actual);
                     self.flush_balloon_event(false);
@@ -181,6 +206,76 @@ impl Vmm {
             self.balloon_told = Some(Instant::now());
             self.broadcast(&Event::BalloonChanged { actual_bytes });
         }
+    }
+
+    /// Brings the online vCPU count to `count`: new vCPUs start and are announced at once;
+    /// removals are asked of the guest and finish in [`Vmm::vcpu_ejected`].
+    fn set_vcpus(&mut self, count: u32) -> Result<(), String> {
+        let max = self.vcpus.max();
+        if count == 0 {
+            return Err("a VM needs at least one vCPU; vCPU 0 cannot be unplugged".into());
+        }
+        if count > max {
+            return Err(format!(
+                "requested vcpus is greater than max allowable vcpus for the live domain: {count} > {max}; raise the maximum (<vcpu>) while the domain is shut off"
+            ));
+        }
+        let online = self.vcpus.online();
+        if count == online {
+            return Ok(());
+        }
+        let Some(hp) = self.devices.cpu_hotplug().cloned() else {
+            return Err(format!(
+                "this VM was started with its maximum of {max} vCPUs, so none can be added or removed; give a higher maximum (<vcpu current='N'>MAX</vcpu>) and restart it"
+            ));
+        };
+        let mut notify = false;
+        for id in online..count {
+            let tid = self.vcpus.start(id).map_err(|e| format!("{e:#}"))?;
+            hp.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .plug(id)
+                .map_err(|e| e.to_string())?;
+            self.broadcast(&Event::VcpuAdded { vcpu: id, tid });
+            notify = true;
+        }
+        for id in (count..online).rev() {
+            let mut hp = hp.lock().unwrap_or_else(|e| e.into_inner());
+            if hp.unplugging(id) {
+                continue;
+            }
+            hp.unplug(id).map_err(|e| e.to_string())?;
+            notify = true;
+        }
+        if notify {
+            self.devices.notify(crate::hotplug::ged::EVENT_CPU);
+        }
+        Ok(())
+    }
+
+    /// The guest offlined and ejected vCPU `id`: its thread ends (the fd stays for a re-plug).
+    fn vcpu_ejected(&mut self, id: u32) {
+        match self.vcpus.stop(id) {
+            Ok(()) => {
+                log::info!("the guest ejected vcpu{id}; its thread has stopped");
+                self.broadcast(&Event::VcpuRemoved { vcpu: id });
+            }
+            Err(e) => log::warn!("guest ejected vcpu{id}: {e:#}"),
+        }
+    }
+
+    fn hotplug_device(&mut self, req: &Request) -> Result<(String, u8), String> {
+        let added = match req {
+            Request::AddDisk { disk } => self.devices.add_disk(disk),
+            Request::AddNet { net } => self.devices.add_net(net),
+            _ => return Err(format!("{req:?} is not a device hotplug request")),
+        };
+        let (id, slot) = added.map_err(|e| format!("{e:#}"))?;
+        self.devices
+            .announce_slot(slot)
+            .map_err(|e| format!("{e:#}"))?;
+        log::info!("hotplugged {id} in slot {slot}");
+        Ok((id, slot))
     }
 
     fn answer_balloon(&mut self, req: &Request) -> Response {
@@ -303,15 +398,26 @@ impl Vmm {
                 cpu_time_ns: cpu_time_ns(),
                 devices: self.devices.stats(),
             },
+            Request::SetVcpus { count } => match self.set_vcpus(*count) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
+            Request::AddDisk { .. } | Request::AddNet { .. } => match self.hotplug_device(req) {
+                Ok((id, slot)) => Response::DeviceAdded { id, slot },
+                Err(message) => Response::Error { message },
+            },
+            Request::RemoveDevice { id } => match self.devices.request_removal(id) {
+                Ok(_) => Response::Ok,
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
             Request::Balloon { .. }
             | Request::QueryBalloon
             | Request::BalloonStats
             | Request::SetBalloonStatsPeriod { .. } => self.answer_balloon(req),
             // The control socket answers these itself (it replies before the VM stops).
             Request::Quit | Request::Watch => Response::Ok,
-            other => Response::Error {
-                message: format!("{other:?} is not supported by this rvirt-vmm yet"),
-            },
         }
     }
 

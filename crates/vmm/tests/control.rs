@@ -412,3 +412,103 @@ fn balloon_requests_without_a_balloon_get_qemus_error() {
         }
     );
 }
+
+#[test]
+fn vcpu_and_disk_hotplug_requests_start_threads_and_plug_slots() {
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(1 << 20).unwrap();
+    let Some(vm) = start_with(rvirt_testkit::idle().unwrap(), "1", &["--max-cpus", "2"]) else {
+        return;
+    };
+    let mut w = Conn::new(&vm);
+    w.send(&Request::Watch);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = Conn::new(&vm);
+    match c.call(Request::Info) {
+        Response::Info {
+            vcpus, max_vcpus, ..
+        } => assert_eq!((vcpus, max_vcpus), (1, 2)),
+        r => panic!("{r:?}"),
+    }
+    for (count, want) in [(0, "vCPU 0"), (3, "3 > 2")] {
+        match c.call(Request::SetVcpus { count }) {
+            Response::Error { message } => assert!(message.contains(want), "{message}"),
+            r => panic!("{r:?}"),
+        }
+    }
+    assert_eq!(c.call(Request::SetVcpus { count: 2 }), Response::Ok);
+    let tid = match w.event() {
+        Event::VcpuAdded { vcpu: 1, tid } => tid,
+        e => panic!("{e:?}"),
+    };
+    match c.call(Request::VcpuInfo) {
+        Response::VcpuInfo { vcpus } => {
+            assert_eq!(vcpus.len(), 2);
+            assert_eq!(vcpus[1].tid, tid);
+            let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", vm.child.id()))
+                .unwrap();
+            assert_eq!(comm.trim(), "vcpu1");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Removal waits for the guest's eject (this guest has no ACPI): the thread stays.
+    assert_eq!(c.call(Request::SetVcpus { count: 1 }), Response::Ok);
+    match c.call(Request::Info) {
+        Response::Info { vcpus, .. } => assert_eq!(vcpus, 2),
+        r => panic!("{r:?}"),
+    }
+
+    let disk_cfg = rvirt_api::vmm_config::DiskConfig {
+        path: disk.path().to_path_buf(),
+        format: Some(rvirt_api::vmm_config::DiskFormat::Raw),
+        readonly: false,
+        cache: Default::default(),
+        serial: None,
+        id: Some("virtio-disk1".into()),
+    };
+    let slot = match c.call(Request::AddDisk {
+        disk: disk_cfg.clone(),
+    }) {
+        Response::DeviceAdded { id, slot } => {
+            assert_eq!(id, "virtio-disk1");
+            slot
+        }
+        r => panic!("{r:?}"),
+    };
+    assert!(slot >= 2, "slot {slot}: the rng holds the first slot");
+    match c.call(Request::Stats) {
+        Response::Stats { devices, .. } => {
+            let d = devices.iter().find(|d| d.id == "virtio-disk1").unwrap();
+            assert_eq!((d.kind.as_str(), d.slot), ("block", slot));
+        }
+        r => panic!("{r:?}"),
+    }
+    // The same id twice is refused, naming it.
+    match c.call(Request::AddDisk { disk: disk_cfg }) {
+        Response::Error { message } => assert!(message.contains("virtio-disk1"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        c.call(Request::RemoveDevice {
+            id: "virtio-disk1".into()
+        }),
+        Response::Ok
+    );
+    match c.call(Request::RemoveDevice { id: "nope".into() }) {
+        Response::Error { message } => assert!(message.contains("nope"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn vcpu_hotplug_needs_a_maximum_above_the_boot_count() {
+    let Some(vm) = start(rvirt_testkit::idle().unwrap(), "1") else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    assert_eq!(c.call(Request::SetVcpus { count: 1 }), Response::Ok, "no change");
+    match c.call(Request::SetVcpus { count: 2 }) {
+        Response::Error { message } => assert!(message.contains("2 > 1"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+}
