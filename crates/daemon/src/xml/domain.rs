@@ -399,6 +399,12 @@ impl Domain {
         Ok(())
     }
 
+    /// Reads the typed view again after the tree was edited (hotplug, setmem, setvcpus).
+    pub fn reparse(&mut self) -> Result<(), DomainXmlError> {
+        self.def = read_domain(&self.tree)?;
+        Ok(())
+    }
+
     pub fn set_emulatorpin(&mut self, cpus: &CpuSet) -> Result<(), DomainXmlError> {
         let cputune = self.tree.child_or_insert("cputune");
         cputune
@@ -747,7 +753,7 @@ fn read_devices(devices: &Element) -> Result<(Vec<Disk>, Vec<Interface>, Extras)
     Ok((disks, interfaces, extras))
 }
 
-fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
+pub(crate) fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("file");
     if kind != "file" && kind != "block" {
         return Err(unsupported(
@@ -849,7 +855,7 @@ pub fn validate_mac(mac: &str) -> bool {
         && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
-fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
+pub(crate) fn read_interface(dev: &Element) -> Result<Interface, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("");
     let source_el = dev.child("source");
     let source = match kind {
