@@ -43,7 +43,9 @@ fn disk_index(target: &str) -> Option<u32> {
     }
     let mut n: u32 = 0;
     for c in letters.chars() {
-        n = n.checked_mul(26)?.checked_add(u32::from(c as u8 - b'a') + 1)?;
+        n = n
+            .checked_mul(26)?
+            .checked_add(u32::from(c as u8 - b'a') + 1)?;
     }
     Some(n - 1)
 }
@@ -119,7 +121,7 @@ impl DeviceKey {
                 format!("domain '{name}' has no disk or interface with alias '{a}'; see dumpxml")
             }
         };
-        ApiError::failed(msg)
+        ApiError::new(ErrorCode::OperationFailed, msg)
     }
 }
 
@@ -140,8 +142,9 @@ fn remove_device(dom: &mut Domain, key: &DeviceKey) -> Option<Element> {
 fn annotate(el: &mut Element, alias: &str, slot: u8) {
     el.remove_children("alias");
     el.remove_children("address");
-    el.children
-        .push(Node::Element(Element::new("alias").with_attr("name", alias)));
+    el.children.push(Node::Element(
+        Element::new("alias").with_attr("name", alias),
+    ));
     el.children.push(Node::Element(
         Element::new("address")
             .with_attr("type", "pci")
@@ -576,8 +579,12 @@ impl Manager {
                         return Err(ApiError::new(
                             ErrorCode::OperationTimeout,
                             format!(
-                                "operation failed: vCPU unplug of domain '{name}' is still pending: the guest has not released vCPU(s) {count}-{} within {} seconds; they go offline when it does (check with vcpucount)",
-                                cur - 1,
+                                "operation failed: vCPU unplug of domain '{name}' is still pending: the guest has not released {} within {} seconds; it goes offline when the guest ejects it (check with vcpucount)",
+                                if count + 1 == cur {
+                                    format!("vCPU {count}")
+                                } else {
+                                    format!("vCPUs {count}-{}", cur - 1)
+                                },
                                 UNPLUG_TIMEOUT.as_secs()
                             ),
                         ))
@@ -640,10 +647,13 @@ impl Manager {
                 if let Err(e) = std::fs::metadata(&disk.source) {
                     let why = e.to_string();
                     let why = why.split(" (os error").next().unwrap_or(&why);
-                    return Err(ApiError::failed(format!(
-                        "Cannot access storage file '{}': {why}; give an existing image (create one with rvirt-img create)",
-                        disk.source
-                    )));
+                    return Err(ApiError::new(
+                        ErrorCode::OperationFailed,
+                        format!(
+                            "Cannot access storage file '{}': {why}; give an existing image (create one with rvirt-img create)",
+                            disk.source
+                        ),
+                    ));
                 }
                 let dup = |d: &Domain| d.def.disks.iter().any(|x| x.target == disk.target);
                 let dup_err = || {
@@ -718,10 +728,7 @@ impl Manager {
                     el.remove_children("alias");
                     el.remove_children("address");
                     self.save_config(&slot, |d| {
-                        d.tree
-                            .child_or_insert("devices")
-                            .children
-                            .push(Node::Element(el))
+                        insert_device(&mut d.tree, el)
                     })?;
                 }
                 Ok(answer)
@@ -752,10 +759,7 @@ impl Manager {
         let Some(live) = st.live.as_mut() else {
             return Err(ApiError::not_running());
         };
-        live.tree
-            .child_or_insert("devices")
-            .children
-            .push(Node::Element(el));
+        insert_device(&mut live.tree, el);
         live.reparse()?;
         if let (Some(t), Some(run)) = (tap, st.run.as_mut()) {
             run.taps.push(t);
@@ -830,17 +834,16 @@ impl Manager {
                 InterfaceSource::Network(n) => rvirt_net::InterfaceSource::Network(n.clone()),
             };
             let domain = name.to_string();
-            let tap = crate::networks::blocking(&self.net, move |n| {
-                n.attach_interface(&domain, &source)
-            })
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    e.code,
-                    format!("cannot connect the new interface of domain '{name}': {e}"),
-                )
-            })?
-            .tap;
+            let tap =
+                crate::networks::blocking(&self.net, move |n| n.attach_interface(&domain, &source))
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(
+                            e.code,
+                            format!("cannot connect the new interface of domain '{name}': {e}"),
+                        )
+                    })?
+                    .tap;
             let undo_tap = |tap: String| {
                 let domain = name.to_string();
                 crate::networks::blocking(&self.net, move |n| n.detach_interface(&domain, &tap))
@@ -892,12 +895,7 @@ impl Manager {
             el.remove_children("alias");
             el.remove_children("address");
             el.remove_children("target");
-            self.save_config(slot, |d| {
-                d.tree
-                    .child_or_insert("devices")
-                    .children
-                    .push(Node::Element(el))
-            })?;
+            self.save_config(slot, |d| insert_device(&mut d.tree, el))?;
         }
         Ok(answer)
     }
@@ -1006,9 +1004,12 @@ impl Manager {
             let mut events = slot.events.subscribe();
             let mut stopped = slot.stopped.subscribe();
             stopped.borrow_and_update();
-            vmm_client::request(&run.api_socket, &Request::RemoveDevice { id: alias.clone() })
-                .await
-                .map_err(|e| vmm_failed(&name, &format!("unplug device '{alias}'"), e))?;
+            vmm_client::request(
+                &run.api_socket,
+                &Request::RemoveDevice { id: alias.clone() },
+            )
+            .await
+            .map_err(|e| vmm_failed(&name, &format!("unplug device '{alias}'"), e))?;
             let akey = DeviceKey::Alias(alias.clone());
             let gone = |st: &SlotState| {
                 st.live
@@ -1198,12 +1199,12 @@ impl Manager {
                 })
             }
         };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = cmd.get("id").cloned().unwrap_or_else(|| {
-            serde_json::Value::String(format!("rvirt-{}", std::process::id()))
+            let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            serde_json::Value::String(format!("rvirt-{n}"))
         });
-        let err = |class: &str, desc: String| {
-            serde_json::json!({"error": {"class": class, "desc": desc}, "id": id})
-        };
+        let err = |class: &str, desc: String| serde_json::json!({"error": {"class": class, "desc": desc}, "id": id});
         let ret = |v: serde_json::Value| serde_json::json!({"return": v, "id": id});
         let execute = cmd.get("execute").and_then(|v| v.as_str()).unwrap_or("");
         let reply = match execute {
@@ -1272,6 +1273,30 @@ impl Manager {
         .await
         .map(|_| ())
         .map_err(|e| vmm_failed(name, "set the balloon target", e))
+    }
+}
+
+/// Adds a device after the last one of its kind (libvirt lists disks, then interfaces, ...).
+fn insert_device(tree: &mut Element, el: Element) {
+    let devices = tree.child_or_insert("devices");
+    let after = devices
+        .children
+        .iter()
+        .rposition(|n| matches!(n, Node::Element(e) if e.name == el.name))
+        .or_else(|| {
+            // An interface goes after the disks when it is the first one.
+            (el.name == "interface")
+                .then(|| {
+                    devices
+                        .children
+                        .iter()
+                        .rposition(|n| matches!(n, Node::Element(e) if e.name == "disk"))
+                })
+                .flatten()
+        });
+    match after {
+        Some(i) => devices.children.insert(i + 1, Node::Element(el)),
+        None => devices.children.push(Node::Element(el)),
     }
 }
 

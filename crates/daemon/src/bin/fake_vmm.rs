@@ -528,7 +528,11 @@ fn add_device(vm: &Vm, id: Option<String>, kind: &'static str, backend: String) 
     let mut live = vm.live.lock().unwrap();
     let devs = live.devices.get_or_insert_with(boot_devices);
     let id = id.unwrap_or_else(|| {
-        let prefix = if kind == "block" { "virtio-disk" } else { "net" };
+        let prefix = if kind == "block" {
+            "virtio-disk"
+        } else {
+            "net"
+        };
         (0..)
             .map(|n| format!("{prefix}{n}"))
             .find(|c| !devs.iter().any(|d| d.id == *c))
