@@ -489,8 +489,7 @@ fn boot_devices() -> Vec<FakeDevice> {
     let mut out = Vec::new();
     let mut slot = FIRST_SLOT;
     for kind in ["--disk", "--net"] {
-        let mut index = 0;
-        for w in args.windows(2).filter(|w| w[0] == kind) {
+        for (index, w) in args.windows(2).filter(|w| w[0] == kind).enumerate() {
             let key = if kind == "--disk" { "path=" } else { "tap=" };
             let backend = w[1]
                 .split(',')
@@ -508,7 +507,6 @@ fn boot_devices() -> Vec<FakeDevice> {
                 backend,
                 slot,
             });
-            index += 1;
             slot += 1;
         }
     }
