@@ -298,13 +298,11 @@ pub fn attach_interface(
             )])
         }
     };
-    let mut x = format!(
-        "<interface type='{kind}'>\n  <source {attr}='{}'/>\n",
-        xml_escape(source)
-    );
+    let mut x = format!("<interface type='{kind}'>\n");
     if let Some(m) = &mac {
         x.push_str(&format!("  <mac address='{}'/>\n", xml_escape(m)));
     }
+    x.push_str(&format!("  <source {attr}='{}'/>\n", xml_escape(source)));
     x.push_str(&format!(
         "  <model type='{}'/>\n</interface>\n",
         xml_escape(model.as_deref().unwrap_or("virtio"))

@@ -138,6 +138,20 @@ fn remove_device(dom: &mut Domain, key: &DeviceKey) -> Option<Element> {
     }
 }
 
+/// `<target dev='TAP'/>` of a running interface, where libvirt writes it (before `<model>`).
+fn set_iface_target(el: &mut Element, tap: &str) {
+    el.remove_children("target");
+    let t = Node::Element(Element::new("target").with_attr("dev", tap));
+    match el
+        .children
+        .iter()
+        .position(|n| matches!(n, Node::Element(e) if e.name == "model" || e.name == "alias" || e.name == "address"))
+    {
+        Some(i) => el.children.insert(i, t),
+        None => el.children.push(t),
+    }
+}
+
 /// libvirt's live device annotations: `<alias>` then `<address type='pci'>`.
 fn annotate(el: &mut Element, alias: &str, slot: u8) {
     el.remove_children("alias");
@@ -347,6 +361,9 @@ impl Manager {
                 .iter()
                 .find(|d| d.backend.as_deref() == Some(backend.as_str()))
             {
+                if el.name == "interface" {
+                    set_iface_target(el, &backend);
+                }
                 annotate(el, &d.id, d.slot);
             }
         }
@@ -872,11 +889,7 @@ impl Manager {
                     }
                 };
             let mut live_el = el.clone();
-            live_el.remove_children("target");
-            live_el.insert_after(
-                &["mac", "source"],
-                Element::new("target").with_attr("dev", &tap),
-            );
+            set_iface_target(&mut live_el, &tap);
             annotate(&mut live_el, &id, pci);
             if let Err(e) = self.add_live_device(slot, live_el, Some(tap.clone())) {
                 let _ = undo_tap(tap).await;
