@@ -518,8 +518,10 @@ impl Manager {
         let (_, slot) = self.find(key)?;
         if let Ok((run, dom)) = Self::live_parts(&slot) {
             if has_balloon(&dom) {
-                if let Ok(Response::Balloon { actual_bytes, .. }) =
-                    vmm_client::request(&run.api_socket, &Request::QueryBalloon).await
+                // Short: dominfo/domstate must not hang on a VMM that does not answer.
+                let q = vmm_client::request(&run.api_socket, &Request::QueryBalloon);
+                if let Ok(Ok(Response::Balloon { actual_bytes, .. })) =
+                    tokio::time::timeout(Duration::from_millis(500), q).await
                 {
                     info.used_memory_kib = actual_bytes / 1024;
                 }
