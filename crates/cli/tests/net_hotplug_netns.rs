@@ -25,15 +25,11 @@ fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root for network namespaces".into());
     }
-    for tool in ["ip"] {
-        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).exists());
-        if !found {
-            return Some(format!(
-                "{tool} is not installed (scripts/install-deps installs it)"
-            ));
-        }
+    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join("ip").exists());
+    if !found {
+        return Some("ip (iproute2) is not installed (scripts/install-deps installs it)".into());
     }
     if sibling("rvirtd").is_none() || sibling("rvirt-fake-vmm").is_none() {
         return Some("rvirtd and rvirt-fake-vmm are not built next to rvirt".into());
