@@ -40,9 +40,10 @@ pub fn parse_size_kib(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u128 = num.parse().map_err(|_| {
+    let n: u64 = num.parse().map_err(|_| {
         format!("Numeric value '{s}' for <size> option is malformed or out of range")
     })?;
+    let n = u128::from(n);
     let per: u128 = match unit.to_ascii_lowercase().as_str() {
         "" | "k" | "kib" => 1 << 10,
         "b" | "bytes" => 1,
@@ -595,6 +596,45 @@ mod tests {
         assert_eq!(
             qmp_text(&v, true),
             "{\n  \"return\": {\n    \"actual\": 5\n  },\n  \"id\": \"x\"\n}"
+        );
+    }
+
+    #[test]
+    fn ifstat_and_shut_off_domstats_layouts() {
+        let n = NetStats {
+            name: "rvnet0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            rx_bytes: 1,
+            rx_packets: 2,
+            rx_errs: 0,
+            rx_drop: 3,
+            tx_bytes: 4,
+            tx_packets: 5,
+            tx_errs: 0,
+            tx_drop: 6,
+        };
+        assert_eq!(
+            ifstat_lines(&n),
+            "rvnet0 rx_bytes 1\nrvnet0 rx_packets 2\nrvnet0 rx_errs 0\nrvnet0 rx_drop 3\n\
+             rvnet0 tx_bytes 4\nrvnet0 tx_packets 5\nrvnet0 tx_errs 0\nrvnet0 tx_drop 6\n"
+        );
+        let s = DomainStats {
+            name: "vm1".into(),
+            state: DomainState::ShutOff,
+            reason: StateReason::Destroyed,
+            cpu_time_ns: 0,
+            balloon_current_kib: 1024,
+            balloon_maximum_kib: 2048,
+            rss_kib: 0,
+            vcpu_current: 1,
+            vcpu_maximum: 2,
+            block: Vec::new(),
+            net: Vec::new(),
+        };
+        assert_eq!(
+            domstats_text(&s),
+            "Domain: 'vm1'\n  state.state=5\n  state.reason=2\n  balloon.current=1024\n  \
+             balloon.maximum=2048\n  vcpu.current=1\n  vcpu.maximum=2\n"
         );
     }
 

@@ -270,8 +270,16 @@ fn vcpu_hotplug_and_vcpucount() {
         e.ok(&["vcpucount", "vm1"]),
         "maximum      config         4\ncurrent      config         2\n\n"
     );
+    // Pinning of a vCPU that is not online yet applies when it is hotplugged.
+    e.ok(&["vcpupin", "vm1", "3", "0", "--config"]);
     e.ok(&["start", "vm1"]);
     e.ok(&["setvcpus", "vm1", "4"]);
+    let pins = e.ok(&["vcpupin", "vm1"]);
+    assert!(
+        pins.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["3", "0"]),
+        "{pins}"
+    );
     assert_eq!(
         e.ok(&["vcpucount", "vm1"]),
         "maximum      config         4\n\

@@ -260,6 +260,7 @@ impl Manager {
     /// it on to waiters.
     pub async fn vmm_event(&self, slot: &Arc<Slot>, run: &Run, ev: Event) {
         let mut tap_gone = None;
+        let mut pin = None;
         {
             let mut st = slot.lock();
             if st.run.as_ref().map(|r| r.generation) != Some(run.generation) {
@@ -287,9 +288,18 @@ impl Manager {
                             None => changed = false,
                         }
                     }
-                    Event::VcpuAdded { vcpu, .. } => {
+                    Event::VcpuAdded { vcpu, tid } => {
                         let n = (vcpu + 1).max(live.def.vcpus_current);
                         set_vcpu_current(live, n);
+                        // `<vcpupin>` (or `<vcpu cpuset>`) holds for hotplugged vCPUs too.
+                        pin = live
+                            .def
+                            .vcpupin
+                            .iter()
+                            .find(|(v, _)| v == vcpu)
+                            .map(|(_, c)| c.clone())
+                            .or_else(|| live.def.vcpu_cpuset.clone())
+                            .map(|c| (*vcpu, *tid, c));
                     }
                     Event::VcpuRemoved { vcpu } => {
                         let n = (*vcpu).min(live.def.vcpus_current).max(1);
@@ -308,6 +318,14 @@ impl Manager {
             }
             if changed {
                 self.persist_live(&st);
+            }
+        }
+        if let Some((vcpu, tid, cpus)) = pin {
+            if let Err(e) = crate::host::set_affinity(tid, &cpus) {
+                self.log(
+                    &run.name,
+                    &format!("hotplugged vcpu {vcpu} (thread {tid}) not pinned to {cpus}: {e}"),
+                );
             }
         }
         if let Some(tap) = tap_gone {
