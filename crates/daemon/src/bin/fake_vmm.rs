@@ -19,7 +19,8 @@
 //! `add_disk`/`add_net` take the lowest free PCI slot and `remove_device` reports
 //! `device_removed` ~50 ms later; `stats` returns the process RSS and fixed per-device counters.
 //! A guest that never ejects (to test timeouts): env `RVIRT_FAKE_NO_EJECT=1` or cmdline word
-//! `fake.no_eject`.
+//! `fake.no_eject`. Boot devices, the vCPU maximum and the balloon's start are read from the
+//! command line, or from a `--config FILE` (rvirt-vmm's typed JSON) when one is given.
 
 use rvirt_api::vmm::{
     BalloonStats, DeviceStats, Event, ExitReason, Request, Response, RunState, VcpuThread,
@@ -246,7 +247,7 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             state: vm.state(),
             vcpus: vm.tids.lock().unwrap().len() as u32,
             memory_bytes: vm.memory_bytes,
-            max_vcpus: FAKE_MAX_VCPUS.max(vm.vcpus),
+            max_vcpus: max_vcpus(vm),
         },
         Request::Pause | Request::Resume => {
             let pause = req == Request::Pause;
@@ -363,15 +364,33 @@ fn spawn_vcpu(vm: &Arc<Vm>, n: u32) {
     let _ = rx.recv_timeout(Duration::from_secs(1));
 }
 
+/// The typed configuration when the VMM was started with `--config FILE` (rvirt-vmm's JSON
+/// form); the live-resource handlers read boot devices and the balloon's start from it.
+fn config_file() -> Option<rvirt_api::vmm_config::VmConfig> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.windows(2).find(|w| w[0] == "--config")?[1].clone();
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// The hotplug maximum: the config file's `cpus.max`, else generous (the command line form has
+/// no maximum; rvirtd checks `<vcpu>` itself).
+fn max_vcpus(vm: &Vm) -> u32 {
+    config_file().map_or(FAKE_MAX_VCPUS.max(vm.vcpus), |c| c.cpus.max())
+}
+
 /// The guest never ejects what it is asked to (for unplug timeouts).
 fn no_eject() -> bool {
+    let in_cmdline = |s: &str| s.split_whitespace().any(|w| w == "fake.no_eject");
     std::env::var("RVIRT_FAKE_NO_EJECT").is_ok_and(|v| v == "1")
-        || std::env::args().any(|a| a.split_whitespace().any(|w| w == "fake.no_eject"))
+        || std::env::args().any(|a| in_cmdline(&a))
+        || config_file().is_some_and(|c| match &c.boot {
+            rvirt_api::vmm_config::BootConfig::Kernel { cmdline, .. } => in_cmdline(cmdline),
+        })
 }
 
 fn set_vcpus(vm: &Arc<Vm>, count: u32) -> Response {
     let online = vm.tids.lock().unwrap().len() as u32;
-    let max = FAKE_MAX_VCPUS.max(vm.vcpus);
+    let max = max_vcpus(vm);
     if count == 0 || count > max {
         return Response::Error {
             message: format!("vCPU count {count} is out of range 1-{max}"),
@@ -402,11 +421,14 @@ fn set_vcpus(vm: &Arc<Vm>, count: u32) -> Response {
 }
 
 fn balloon(vm: &Vm) -> (u64, u64) {
-    *vm.live
-        .lock()
-        .unwrap()
-        .balloon
-        .get_or_insert((vm.memory_bytes, vm.memory_bytes))
+    *vm.live.lock().unwrap().balloon.get_or_insert_with(|| {
+        // `memory.current` of a config file: the balloon starts inflated to it.
+        let start = config_file()
+            .and_then(|c| c.memory.current)
+            .unwrap_or(vm.memory_bytes)
+            .min(vm.memory_bytes);
+        (start, start)
+    })
 }
 
 /// QEMU's semantics: the target is clamped to the RAM size; the guest gets there on its own.
@@ -483,11 +505,32 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// Boot devices as the command line gave them (disks first, then NICs, in order).
+/// Boot devices as the command line (or `--config` file) gave them: disks first, then NICs.
 fn boot_devices() -> Vec<FakeDevice> {
-    let args: Vec<String> = std::env::args().collect();
     let mut out = Vec::new();
     let mut slot = FIRST_SLOT;
+    if let Some(c) = config_file() {
+        for (i, d) in c.disks.iter().enumerate() {
+            out.push(FakeDevice {
+                id: d.id.clone().unwrap_or_else(|| format!("virtio-disk{i}")),
+                kind: "block",
+                backend: d.path.display().to_string(),
+                slot,
+            });
+            slot += 1;
+        }
+        for (i, n) in c.nets.iter().enumerate() {
+            out.push(FakeDevice {
+                id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                kind: "net",
+                backend: n.tap.clone(),
+                slot,
+            });
+            slot += 1;
+        }
+        return out;
+    }
+    let args: Vec<String> = std::env::args().collect();
     for kind in ["--disk", "--net"] {
         for (index, w) in args.windows(2).filter(|w| w[0] == kind).enumerate() {
             let key = if kind == "--disk" { "path=" } else { "tap=" };
