@@ -225,13 +225,172 @@ pub struct NetInterface {
     pub mac: String,
 }
 
-/// `GET /v1/domains/{name}/memstats` (virsh dommemstat), in KiB.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `GET /v1/domains/{name}/memstats` (virsh dommemstat), in KiB (faults and hugetlb counts are
+/// counts, `last_update` seconds since the epoch). Guest-reported fields are absent until the
+/// guest reported them (statistics polling is set with `PUT .../memstats/period`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemStats {
-    /// Memory the guest currently has (currentMemory; the balloon target once ballooning exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_fault: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_fault: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unused: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usable: Option<u64>,
+    /// Memory the guest has: the balloon's actual size (currentMemory without a balloon).
     pub actual: u64,
     /// Resident set size of the VMM process, guest memory included.
     pub rss: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_pgalloc: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_pgfail: Option<u64>,
+}
+
+/// `PUT /v1/domains/{name}/memory` (virsh setmem / setmaxmem).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRequest {
+    pub size_kib: u64,
+    /// Change `<memory>` (setmaxmem) instead of the current size (setmem).
+    #[serde(default)]
+    pub maximum: bool,
+    /// Neither live nor config: the running domain if active, else the definition.
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// `PUT /v1/domains/{name}/memstats/period` (virsh dommemstat --period).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsPeriodRequest {
+    pub seconds: u32,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// `PUT /v1/domains/{name}/vcpus` (virsh setvcpus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpusRequest {
+    pub count: u32,
+    /// Change the maximum (`<vcpu>N</vcpu>`, config only) instead of the current count.
+    #[serde(default)]
+    pub maximum: bool,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// `GET /v1/domains/{name}/vcpucount` (virsh vcpucount); live values while active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCount {
+    pub maximum_config: u32,
+    pub maximum_live: Option<u32>,
+    pub current_config: u32,
+    pub current_live: Option<u32>,
+}
+
+/// `POST /v1/domains/{name}/devices`: hotplug and/or add to the definition a `<disk>` or
+/// `<interface>` (virsh attach-device / attach-disk / attach-interface).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub xml: String,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// Where an attached device went (live attach), libvirt's alias and PCI slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachResponse {
+    pub alias: Option<String>,
+    pub slot: Option<u8>,
+}
+
+/// `POST /v1/domains/{name}/devices/detach`: the device named by `xml` (a `<disk>` by target,
+/// an `<interface>` by MAC) or by `key` (disk target, MAC address or alias).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachRequest {
+    #[serde(default)]
+    pub xml: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// `disk` or `interface`: only match that kind (virsh detach-disk / detach-interface).
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
+/// `GET /v1/domains/{name}/stats` (virsh domstats / domblkstat / domifstat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainStats {
+    pub name: String,
+    pub state: DomainState,
+    pub reason: StateReason,
+    pub cpu_time_ns: u64,
+    pub balloon_current_kib: u64,
+    pub balloon_maximum_kib: u64,
+    pub rss_kib: u64,
+    pub vcpu_current: u32,
+    pub vcpu_maximum: u32,
+    pub block: Vec<BlockStats>,
+    pub net: Vec<NetStats>,
+}
+
+/// Counters of one disk, with virsh domblkstat's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStats {
+    /// Target (`vda`).
+    pub name: String,
+    pub path: String,
+    pub rd_req: u64,
+    pub rd_bytes: u64,
+    pub wr_req: u64,
+    pub wr_bytes: u64,
+    pub flush_operations: u64,
+    pub errs: u64,
+}
+
+/// Counters of one NIC, from the guest's side (rx: received by the guest), virsh's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    /// TAP name (`rvnet0`).
+    pub name: String,
+    pub mac: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errs: u64,
+    pub rx_drop: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errs: u64,
+    pub tx_drop: u64,
+}
+
+/// `POST /v1/domains/{name}/monitor` (virsh qemu-monitor-command): a QMP command (JSON text) or,
+/// with `hmp`, a human monitor command line, answered from rvirt-vmm's control requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorRequest {
+    pub command: String,
+    #[serde(default)]
+    pub hmp: bool,
+}
+
+/// The monitor's reply: HMP text, or the QMP reply object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorReply {
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub json: Option<serde_json::Value>,
 }
 
 /// `GET /v1/networks` row and `GET /v1/networks/{name}` (virsh net-list / net-info).

@@ -1,6 +1,7 @@
 //! One function per verb: call rvirtd, print what virsh prints.
 
 use crate::client::{seg, Client, ClientError};
+use crate::live::DetachWhat;
 use crate::table::Table;
 use crate::{install, Cmd, ListArgs, Scope};
 use clap::CommandFactory;
@@ -10,9 +11,9 @@ use serde_json::json;
 use std::path::Path;
 
 /// Error lines, printed each with an `error: ` prefix (virsh prints two for a failed action).
-type Out = Result<(), Vec<String>>;
+pub(crate) type Out = Result<(), Vec<String>>;
 
-fn fail(context: Option<String>, key: &str, e: ClientError) -> Vec<String> {
+pub(crate) fn fail(context: Option<String>, key: &str, e: ClientError) -> Vec<String> {
     match (&e, e.code()) {
         (_, Some(ErrorCode::NoDomain)) => {
             vec![format!("failed to get domain '{key}'"), e.to_string()]
@@ -22,7 +23,7 @@ fn fail(context: Option<String>, key: &str, e: ClientError) -> Vec<String> {
     }
 }
 
-fn dom_path(d: &str, rest: &str) -> String {
+pub(crate) fn dom_path(d: &str, rest: &str) -> String {
     format!("/v1/domains/{}{rest}", seg(d))
 }
 
@@ -34,7 +35,7 @@ fn action(c: &Client, d: &str, verb: &str, body: serde_json::Value, done: &str) 
     Ok(())
 }
 
-fn get<T: DeserializeOwned>(c: &Client, d: &str, rest: &str) -> Result<T, Vec<String>> {
+pub(crate) fn get<T: DeserializeOwned>(c: &Client, d: &str, rest: &str) -> Result<T, Vec<String>> {
     c.get(&dom_path(d, rest)).map_err(|e| fail(None, d, e))
 }
 
@@ -196,11 +197,11 @@ fn domifaddr(c: &Client, d: &str, json: bool) -> Out {
     Ok(())
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
-fn read_file(p: &Path) -> Result<String, Vec<String>> {
+pub(crate) fn read_file(p: &Path) -> Result<String, Vec<String>> {
     std::fs::read_to_string(p)
         .map_err(|e| vec![format!("Failed to open file '{}': {e}", p.display())])
 }
@@ -501,11 +502,90 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             scope,
         } => emulatorpin(c, &domain, cpulist, scope),
         Cmd::Install(args) => crate::commands::install(c, &args),
-        Cmd::Dommemstat { domain } => {
-            let m: MemStats = get(c, &domain, "/memstats")?;
-            println!("actual {}\nrss {}\n", m.actual, m.rss);
-            Ok(())
+        Cmd::Dommemstat {
+            domain,
+            period,
+            scope,
+        } => crate::live::dommemstat(c, &domain, period, scope),
+        Cmd::Setmem {
+            domain,
+            size,
+            scope,
+        } => crate::live::setmem(c, &domain, &size, false, scope),
+        Cmd::Setmaxmem {
+            domain,
+            size,
+            scope,
+        } => crate::live::setmem(c, &domain, &size, true, scope),
+        Cmd::Setvcpus {
+            domain,
+            count,
+            maximum,
+            scope,
+        } => crate::live::setvcpus(c, &domain, count, maximum, scope),
+        Cmd::Vcpucount { domain } => crate::live::vcpucount(c, &domain),
+        Cmd::QemuMonitorCommand {
+            domain,
+            hmp,
+            pretty,
+            cmd_opt,
+            words,
+        } => {
+            let cmd: Vec<String> = cmd_opt.into_iter().chain(words).collect();
+            crate::live::monitor(c, &domain, hmp, pretty, &cmd.join(" "))
         }
+        Cmd::AttachDisk {
+            domain,
+            source,
+            target,
+            targetbus,
+            driver,
+            subdriver,
+            mode,
+            cache,
+            dev,
+        } => crate::live::attach_disk(
+            c,
+            &domain,
+            crate::live::DiskArgs {
+                source,
+                target,
+                targetbus,
+                driver,
+                subdriver,
+                mode,
+                cache,
+            },
+            dev,
+        ),
+        Cmd::DetachDisk {
+            domain,
+            target,
+            dev,
+        } => crate::live::detach(c, &domain, DetachWhat::Disk(target), dev),
+        Cmd::AttachInterface {
+            domain,
+            kind,
+            source,
+            mac,
+            model,
+            dev,
+        } => crate::live::attach_interface(c, &domain, &kind, &source, mac, model, dev),
+        Cmd::DetachInterface {
+            domain,
+            kind,
+            mac,
+            dev,
+        } => crate::live::detach(c, &domain, DetachWhat::Iface(kind, mac), dev),
+        Cmd::AttachDevice { domain, file, dev } => {
+            crate::live::attach_device(c, &domain, &file, dev)
+        }
+        Cmd::DetachDevice { domain, file, dev } => {
+            crate::live::detach(c, &domain, DetachWhat::File(file), dev)
+        }
+        Cmd::Domblkstat { domain, device } => crate::live::domblkstat(c, &domain, device),
+        Cmd::Domifstat { domain, interface } => crate::live::domifstat(c, &domain, &interface),
+        Cmd::Domstats { domain } => crate::live::domstats(c, &domain),
         Cmd::Version => {
             println!(
                 "Compiled against library: rvirt {}",

@@ -4,6 +4,7 @@ mod client;
 mod commands;
 mod console;
 mod install;
+mod live;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,23 @@ pub struct Scope {
     /// Affect the running domain if active, else the definition (the default).
     #[arg(long)]
     pub current: bool,
+}
+
+/// Where a device change applies (virsh's attach/detach options).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct DeviceScope {
+    /// Affect the running domain.
+    #[arg(long)]
+    pub live: bool,
+    /// Affect the persistent definition.
+    #[arg(long)]
+    pub config: bool,
+    /// The running domain if active, else the definition (the default).
+    #[arg(long)]
+    pub current: bool,
+    /// The running domain if active and the persistent definition.
+    #[arg(long)]
+    pub persistent: bool,
 }
 
 /// virsh list's selection and output options.
@@ -248,8 +266,144 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Memory statistics of a running domain (KiB).
-    Dommemstat { domain: String },
+    /// Memory statistics of a running domain (KiB), from the balloon and the VMM.
+    Dommemstat {
+        domain: String,
+        /// Set the guest statistics polling period (seconds; 0 stops it).
+        #[arg(long)]
+        period: Option<u32>,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Change the memory of a domain (the balloon target when live). SIZE is KiB unless it has a
+    /// suffix (b, KiB, MiB, GiB, KB, MB, GB, ...).
+    Setmem {
+        domain: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Change the maximum memory (<memory>) of a domain's definition (not possible live).
+    Setmaxmem {
+        domain: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Change the number of vCPUs (live: ACPI CPU hotplug).
+    Setvcpus {
+        domain: String,
+        count: u32,
+        /// Change the maximum (config only).
+        #[arg(long)]
+        maximum: bool,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Maximum and current vCPU counts, config and live.
+    Vcpucount { domain: String },
+    /// Send a QEMU monitor command (QMP JSON, or HMP with --hmp); rvirtd answers the balloon and
+    /// status commands from rvirt-vmm.
+    #[command(name = "qemu-monitor-command")]
+    QemuMonitorCommand {
+        domain: String,
+        /// The command is in the human monitor's syntax.
+        #[arg(long)]
+        hmp: bool,
+        /// Pretty-print a QMP reply.
+        #[arg(long)]
+        pretty: bool,
+        /// The command (words are joined by spaces).
+        #[arg(long = "cmd", num_args = 1.., allow_hyphen_values = true)]
+        cmd_opt: Vec<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
+    /// Hotplug a disk and/or add it to the definition.
+    AttachDisk {
+        domain: String,
+        /// Image file or block device.
+        source: String,
+        /// Target device name (vdb, vdc, ...).
+        target: String,
+        /// Only virtio.
+        #[arg(long)]
+        targetbus: Option<String>,
+        /// Only qemu (accepted for virsh compatibility).
+        #[arg(long)]
+        driver: Option<String>,
+        /// Image format: raw or qcow2.
+        #[arg(long)]
+        subdriver: Option<String>,
+        /// readonly.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Host cache mode: none, writeback, writethrough, directsync, unsafe.
+        #[arg(long)]
+        cache: Option<String>,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Hot-unplug a disk and/or remove it from the definition.
+    DetachDisk {
+        domain: String,
+        /// Target device name (or source path).
+        target: String,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Hotplug a network interface and/or add it to the definition.
+    AttachInterface {
+        domain: String,
+        /// network or bridge.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Network name or host bridge.
+        source: String,
+        #[arg(long)]
+        mac: Option<String>,
+        /// Only virtio.
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Hot-unplug a network interface and/or remove it from the definition.
+    DetachInterface {
+        domain: String,
+        /// network or bridge.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        #[arg(long)]
+        mac: String,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Attach the <disk> or <interface> of an XML file.
+    AttachDevice {
+        domain: String,
+        file: PathBuf,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Detach the <disk> (by target) or <interface> (by MAC) of an XML file.
+    DetachDevice {
+        domain: String,
+        file: PathBuf,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
+    /// Block device counters of a running domain (all disks summed without DEVICE).
+    Domblkstat {
+        domain: String,
+        device: Option<String>,
+    },
+    /// Interface counters of a running domain (by TAP name or MAC).
+    Domifstat { domain: String, interface: String },
+    /// Domain statistics: state, balloon, vCPUs, disks, NICs.
+    Domstats { domain: String },
     /// Show vCPU threads: host CPU, state, CPU time, affinity.
     Vcpuinfo {
         domain: String,

@@ -6,7 +6,7 @@ use crate::manager::Manager;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use rvirt_api::rest::*;
 use serde::Deserialize;
@@ -56,8 +56,16 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route(&format!("{d}/autostart"), put(autostart))
         .route(&format!("{d}/disks"), get(disks))
         .route(&format!("{d}/interfaces"), get(interfaces))
-        .route(&format!("{d}/vcpus"), get(vcpus))
+        .route(&format!("{d}/vcpus"), get(vcpus).put(setvcpus))
+        .route(&format!("{d}/vcpucount"), get(vcpucount))
+        .route(&format!("{d}/memory"), put(setmem))
         .route(&format!("{d}/memstats"), get(memstats))
+        .route(&format!("{d}/memstats/period"), put(memstats_period))
+        .route(&format!("{d}/devices"), post(attach_device))
+        .route(&format!("{d}/devices/detach"), post(detach_device))
+        .route(&format!("{d}/devices/{{key}}"), delete(detach_key))
+        .route(&format!("{d}/stats"), get(domstats))
+        .route(&format!("{d}/monitor"), post(monitor))
         .route(&format!("{d}/vcpupin"), get(pins).post(vcpupin))
         .route(&format!("{d}/emulatorpin"), post(emulatorpin))
         .route(&format!("{d}/console"), get(console))
@@ -96,7 +104,7 @@ async fn define(State(m): M, Json(req): Json<DefineRequest>) -> R<DefineResponse
 }
 
 async fn info(State(m): M, Path(name): Path<String>) -> R<DomainInfo> {
-    Ok(Json(m.info(&name)?))
+    Ok(Json(m.info_live(&name).await?))
 }
 
 async fn undefine(State(m): M, Path(name): Path<String>) -> R<Empty> {
@@ -188,7 +196,88 @@ async fn vcpus(State(m): M, Path(name): Path<String>) -> R<Vec<VcpuInfo>> {
 }
 
 async fn memstats(State(m): M, Path(name): Path<String>) -> R<MemStats> {
-    Ok(Json(m.mem_stats(&name)?))
+    Ok(Json(m.mem_stats_live(&name).await?))
+}
+
+async fn memstats_period(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<StatsPeriodRequest>,
+) -> R<Empty> {
+    m.set_stats_period(&name, &r).await?;
+    ok()
+}
+
+async fn setmem(State(m): M, Path(name): Path<String>, Json(r): Json<MemoryRequest>) -> R<Empty> {
+    m.set_memory(&name, &r).await?;
+    ok()
+}
+
+async fn setvcpus(State(m): M, Path(name): Path<String>, Json(r): Json<VcpusRequest>) -> R<Empty> {
+    m.set_vcpus(&name, &r).await?;
+    ok()
+}
+
+async fn vcpucount(State(m): M, Path(name): Path<String>) -> R<VcpuCount> {
+    Ok(Json(m.vcpu_count(&name)?))
+}
+
+async fn attach_device(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<AttachRequest>,
+) -> R<AttachResponse> {
+    Ok(Json(m.attach_device(&name, &r).await?))
+}
+
+async fn detach_device(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<DetachRequest>,
+) -> R<Empty> {
+    m.detach_device(&name, &r).await?;
+    ok()
+}
+
+#[derive(Deserialize)]
+struct DetachQuery {
+    #[serde(default)]
+    live: bool,
+    #[serde(default)]
+    config: bool,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// `DELETE .../devices/{key}`: key is a disk target, a MAC address or an alias.
+async fn detach_key(
+    State(m): M,
+    Path((name, key)): Path<(String, String)>,
+    Query(q): Query<DetachQuery>,
+) -> R<Empty> {
+    let r = DetachRequest {
+        xml: None,
+        key: Some(key),
+        kind: q.kind,
+        scope: PinScope {
+            live: q.live,
+            config: q.config,
+        },
+    };
+    m.detach_device(&name, &r).await?;
+    ok()
+}
+
+async fn domstats(State(m): M, Path(name): Path<String>) -> R<DomainStats> {
+    Ok(Json(m.domain_stats(&name).await?))
+}
+
+async fn monitor(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<MonitorRequest>,
+) -> R<MonitorReply> {
+    Ok(Json(m.monitor(&name, &r).await?))
 }
 
 async fn pins(State(m): M, Path(name): Path<String>) -> R<PinInfo> {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod lifecycle;
+pub mod live;
 pub mod manager;
 pub mod networks;
 pub mod openapi;

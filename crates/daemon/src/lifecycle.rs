@@ -188,12 +188,12 @@ fn io_reason(e: &std::io::Error) -> String {
     s.split(" (os error").next().unwrap_or(&s).to_string()
 }
 
-fn run_record_path(dir: &Path) -> PathBuf {
+pub(crate) fn run_record_path(dir: &Path) -> PathBuf {
     dir.join("vmm.json")
 }
 
 impl Manager {
-    fn run_dir_of(&self, name: &str) -> PathBuf {
+    pub(crate) fn run_dir_of(&self, name: &str) -> PathBuf {
         self.cfg.run_dir.join(name)
     }
 
@@ -409,12 +409,15 @@ impl Manager {
     ) {
         let mut told: Option<ExitReason> = None;
         if let Ok(mut watch) = Watch::open(&run.api_socket).await {
+            // Boot devices get their alias and PCI address in the live XML.
+            tokio::spawn(self.clone().annotate_devices(slot.clone(), run.clone()));
             while let Some(ev) = watch.next().await {
                 match ev {
                     Event::Exited { reason } => told = Some(reason),
                     Event::StateChanged { state } => self.vmm_state_changed(&slot, &run, state),
-                    // Hotplug and balloon events are for whoever waits on them (not yet used).
-                    _ => {}
+                    // Hotplug and balloon events: applied to the live definition, then passed
+                    // on to whoever waits for them.
+                    other => self.vmm_event(&slot, &run, other).await,
                 }
             }
         }

@@ -69,6 +69,9 @@ pub struct Slot {
     pub stopped: tokio::sync::watch::Sender<u64>,
     /// Cancels the attached console session, if any.
     pub console: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The VMM's hotplug and balloon events, re-sent after supervision applied them to the live
+    /// definition; waiters (detach, setvcpus) subscribe before sending their request.
+    pub events: tokio::sync::broadcast::Sender<rvirt_api::vmm::Event>,
 }
 
 impl Slot {
@@ -90,6 +93,7 @@ impl Slot {
             }),
             stopped: tokio::sync::watch::channel(0).0,
             console: Mutex::new(None),
+            events: tokio::sync::broadcast::channel(64).0,
         })
     }
 
@@ -410,6 +414,7 @@ impl Manager {
         Ok(rvirt_api::rest::MemStats {
             actual: live.def.current_memory_kib,
             rss: crate::host::rss_kib(run.pid).unwrap_or(0),
+            ..Default::default()
         })
     }
 

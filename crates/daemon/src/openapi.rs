@@ -22,7 +22,16 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     ("get", "/v1/domains/{name}/disks", "Block devices (virsh domblklist)", None, "BlockDeviceList"),
     ("get", "/v1/domains/{name}/interfaces", "Network interfaces (virsh domiflist)", None, "NetInterfaceList"),
     ("get", "/v1/domains/{name}/vcpus", "vCPU threads (virsh vcpuinfo)", None, "VcpuInfoList"),
-    ("get", "/v1/domains/{name}/memstats", "Memory statistics in KiB (virsh dommemstat)", None, "MemStats"),
+    ("get", "/v1/domains/{name}/memstats", "Memory statistics in KiB (virsh dommemstat): balloon, guest statistics, VMM RSS", None, "MemStats"),
+    ("put", "/v1/domains/{name}/memstats/period", "Guest memory statistics polling period (virsh dommemstat --period)", Some("StatsPeriodRequest"), "Empty"),
+    ("put", "/v1/domains/{name}/memory", "Set the current memory (balloon target, virsh setmem) or with maximum the <memory> (virsh setmaxmem, config only)", Some("MemoryRequest"), "Empty"),
+    ("put", "/v1/domains/{name}/vcpus", "Set the vCPU count (virsh setvcpus): live hotplug/unplug (waits for the guest, 5 s) and/or config", Some("VcpusRequest"), "Empty"),
+    ("get", "/v1/domains/{name}/vcpucount", "Maximum and current vCPUs, config and live (virsh vcpucount)", None, "VcpuCount"),
+    ("post", "/v1/domains/{name}/devices", "Attach a <disk> or <interface> (virsh attach-device/-disk/-interface), live and/or config", Some("AttachRequest"), "AttachResponse"),
+    ("post", "/v1/domains/{name}/devices/detach", "Detach the device an XML element or a key names; live detach waits for the guest's eject (5 s)", Some("DetachRequest"), "Empty"),
+    ("delete", "/v1/domains/{name}/devices/{key}", "Detach by disk target, MAC address or alias; ?live=true&config=true&kind=disk|interface", None, "Empty"),
+    ("get", "/v1/domains/{name}/stats", "Domain statistics: state, balloon, vCPUs, per-disk and per-NIC counters (virsh domstats/domblkstat/domifstat)", None, "DomainStats"),
+    ("post", "/v1/domains/{name}/monitor", "A QMP command (JSON) or with hmp an HMP command line, answered from rvirt-vmm's control requests (virsh qemu-monitor-command)", Some("MonitorRequest"), "MonitorReply"),
     ("get", "/v1/domains/{name}/vcpupin", "vCPU and emulator affinity", None, "PinInfo"),
     ("post", "/v1/domains/{name}/vcpupin", "Pin one vCPU", Some("VcpuPinRequest"), "Empty"),
     ("post", "/v1/domains/{name}/emulatorpin", "Pin the emulator threads", Some("EmulatorPinRequest"), "Empty"),
@@ -67,7 +76,17 @@ fn schemas() -> Value {
         "NetInterfaceList": list("NetInterface"),
         "VcpuInfo": s(&[("vcpu", "integer"), ("cpu", "integer"), ("state", "string"), ("cpu_time_ns", "integer"), ("affinity", "string"), ("affinity_map", "string"), ("tid", "integer")]),
         "VcpuInfoList": list("VcpuInfo"),
-        "MemStats": s(&[("actual", "integer"), ("rss", "integer")]),
+        "MemStats": s(&[("swap_in", "integer"), ("swap_out", "integer"), ("major_fault", "integer"), ("minor_fault", "integer"), ("unused", "integer"), ("available", "integer"), ("usable", "integer"), ("actual", "integer"), ("rss", "integer"), ("last_update", "integer"), ("disk_caches", "integer"), ("hugetlb_pgalloc", "integer"), ("hugetlb_pgfail", "integer")]),
+        "StatsPeriodRequest": s(&[("seconds", "integer"), ("live", "boolean"), ("config", "boolean")]),
+        "MemoryRequest": s(&[("size_kib", "integer"), ("maximum", "boolean"), ("live", "boolean"), ("config", "boolean")]),
+        "VcpusRequest": s(&[("count", "integer"), ("maximum", "boolean"), ("live", "boolean"), ("config", "boolean")]),
+        "VcpuCount": s(&[("maximum_config", "integer"), ("maximum_live", "integer"), ("current_config", "integer"), ("current_live", "integer")]),
+        "AttachRequest": s(&[("xml", "string"), ("live", "boolean"), ("config", "boolean")]),
+        "AttachResponse": s(&[("alias", "string"), ("slot", "integer")]),
+        "DetachRequest": s(&[("xml", "string"), ("key", "string"), ("kind", "string"), ("live", "boolean"), ("config", "boolean")]),
+        "DomainStats": s(&[("name", "string"), ("state", "string"), ("reason", "string"), ("cpu_time_ns", "integer"), ("balloon_current_kib", "integer"), ("balloon_maximum_kib", "integer"), ("rss_kib", "integer"), ("vcpu_current", "integer"), ("vcpu_maximum", "integer"), ("block", "array"), ("net", "array")]),
+        "MonitorRequest": s(&[("command", "string"), ("hmp", "boolean")]),
+        "MonitorReply": s(&[("text", "string"), ("json", "object")]),
         "PinInfo": s(&[("host_cpus", "integer"), ("vcpus", "array"), ("emulator", "string")]),
         "VcpuPinRequest": s(&[("vcpu", "integer"), ("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
         "EmulatorPinRequest": s(&[("cpuset", "string"), ("live", "boolean"), ("config", "boolean")]),
@@ -100,6 +119,9 @@ pub fn document() -> Value {
                 "domain name, UUID or id"
             };
             op["parameters"] = json!([{"name": "name", "in": "path", "required": true, "description": what, "schema": {"type": "string"}}]);
+            if path.contains("{key}") {
+                op["parameters"].as_array_mut().expect("an array").push(json!({"name": "key", "in": "path", "required": true, "description": "disk target, MAC address or device alias", "schema": {"type": "string"}}));
+            }
         }
         if let Some(r) = req {
             op["requestBody"] = json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}});

@@ -506,7 +506,11 @@ fn vcpu_hotplug_needs_a_maximum_above_the_boot_count() {
         return;
     };
     let mut c = Conn::new(&vm);
-    assert_eq!(c.call(Request::SetVcpus { count: 1 }), Response::Ok, "no change");
+    assert_eq!(
+        c.call(Request::SetVcpus { count: 1 }),
+        Response::Ok,
+        "no change"
+    );
     match c.call(Request::SetVcpus { count: 2 }) {
         Response::Error { message } => assert!(message.contains("2 > 1"), "{message}"),
         r => panic!("{r:?}"),

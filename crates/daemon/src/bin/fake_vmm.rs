@@ -16,8 +16,20 @@
 //! - console `poweroff` / `reboot` / `panic`: exit as rvirt-vmm does on guest poweroff (0),
 //!   reboot (3) or crash (4); `progress`: print how many 10 ms ticks the vCPUs ran (stops while
 //!   paused); anything else is echoed.
+//!
+//! Live resources are simulated, without a guest: the balloon's `actual` walks to the target in
+//! a few steps (~200 ms) with a `balloon_changed` event per step; `set_vcpus` starts/ends idle
+//! `vcpu<N>` threads (`vcpu_added` at once, `vcpu_removed` ~50 ms later, as an ejecting guest);
+//! `add_disk`/`add_net` take the lowest free PCI slot and `remove_device` reports
+//! `device_removed` ~50 ms later; `stats` returns the process RSS and fixed per-device counters.
+//! A guest that never ejects (to test timeouts): env `RVIRT_FAKE_NO_EJECT=1` or cmdline word
+//! `fake.no_eject`. Boot devices, the vCPU maximum and the balloon's start are read from the
+//! command line, or from a `--config FILE` (rvirt-vmm's typed JSON) when one is given.
 
-use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState, VcpuThread};
+use rvirt_api::vmm::{
+    BalloonStats, DeviceStats, Event, ExitReason, Request, Response, RunState, VcpuThread,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -39,7 +51,36 @@ struct Vm {
     /// `fake.shutdown_ms=N`: how long the guest takes to power off after the button.
     shutdown_ms: Option<u64>,
     sockets: Vec<PathBuf>,
+    /// Balloon, hotplugged devices, ejected vCPUs: the simulated live resources.
+    live: Mutex<Live>,
 }
+
+/// A device on the fake PCI bus.
+#[derive(Clone)]
+struct FakeDevice {
+    id: String,
+    kind: &'static str,
+    backend: String,
+    slot: u8,
+}
+
+#[derive(Default)]
+struct Live {
+    /// (actual, target) in bytes; `None` until first used (then both are the RAM size).
+    balloon: Option<(u64, u64)>,
+    stats_period: u32,
+    /// Boot devices (read once from the command line) and hotplugged ones.
+    devices: Option<Vec<FakeDevice>>,
+    /// Ids whose removal was asked for (a second request does not start a second eject).
+    unplugging: BTreeSet<String>,
+    /// vCPUs whose thread must end.
+    stopping: BTreeSet<u32>,
+}
+
+/// Most vCPUs the stand-in runs (it has no ACPI table to size).
+const FAKE_MAX_VCPUS: u32 = 64;
+/// First PCI slot devices get (slot 0 host bridge, 1 ISA bridge, as on i440fx).
+const FIRST_SLOT: u8 = 2;
 
 fn shutdown_delay_ms(vm: &Vm) -> u64 {
     vm.shutdown_ms.unwrap_or(50)
@@ -182,22 +223,10 @@ fn main() {
             .find_map(|w| w.strip_prefix("fake.shutdown_ms="))
             .and_then(|v| v.parse().ok()),
         sockets,
+        live: Mutex::new(Live::default()),
     });
     for n in 0..vcpus {
-        let vm = vm.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{n}"))
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                vm.tids.lock().unwrap()[n as usize] = unsafe { libc::gettid() };
-                loop {
-                    std::thread::sleep(Duration::from_millis(10));
-                    if !vm.paused.load(Ordering::SeqCst) && n == 0 {
-                        vm.ticks.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            })
-            .unwrap();
+        spawn_vcpu(&vm, n);
     }
     // Like rvirt-vmm, answer on the control socket only once the vCPU threads are known.
     while vm.tids.lock().unwrap().contains(&0) {
@@ -270,9 +299,9 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             pid: std::process::id(),
             name: vm.name.clone(),
             state: vm.state(),
-            vcpus: vm.vcpus,
+            vcpus: vm.tids.lock().unwrap().len() as u32,
             memory_bytes: vm.memory_bytes,
-            max_vcpus: vm.vcpus,
+            max_vcpus: max_vcpus(vm),
         },
         Request::Pause | Request::Resume => {
             let pause = req == Request::Pause;
@@ -312,14 +341,51 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
                 .collect(),
         },
         Request::Stats => Response::Stats {
-            rss_bytes: 0,
+            rss_bytes: rss_bytes(),
             cpu_time_ns: 0,
-            devices: Vec::new(),
+            devices: devices(vm)
+                .into_iter()
+                .map(|d| DeviceStats {
+                    counters: counters(&d),
+                    id: d.id,
+                    kind: d.kind.to_string(),
+                    backend: Some(d.backend),
+                    slot: d.slot,
+                })
+                .collect(),
         },
         Request::Watch => unreachable!("handled by the caller"),
-        other => Response::Error {
-            message: format!("the stand-in VMM does not implement {other:?}"),
-        },
+        Request::Balloon { target_bytes } => set_balloon(vm, target_bytes),
+        Request::QueryBalloon => {
+            let (actual, target) = balloon(vm);
+            Response::Balloon {
+                actual_bytes: actual,
+                target_bytes: target,
+                max_bytes: vm.memory_bytes,
+            }
+        }
+        Request::BalloonStats => {
+            let (actual, _) = balloon(vm);
+            let period = vm.live.lock().unwrap().stats_period;
+            Response::BalloonStats {
+                stats: guest_stats(actual, period),
+            }
+        }
+        Request::SetBalloonStatsPeriod { seconds } => {
+            vm.live.lock().unwrap().stats_period = seconds;
+            Response::Ok
+        }
+        Request::SetVcpus { count } => set_vcpus(vm, count),
+        Request::AddDisk { disk } => {
+            if !disk.path.exists() {
+                return Response::Error {
+                    message: format!("cannot open disk {}: no such file", disk.path.display()),
+                };
+            }
+            add_device(vm, disk.id, "block", disk.path.display().to_string())
+        }
+        Request::AddNet { net } => add_device(vm, net.id, "net", net.tap),
+        Request::RemoveDevice { id } => remove_device(vm, id),
     }
 }
 
@@ -364,4 +430,327 @@ fn affinity(tid: i32) -> String {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// One vCPU thread; it ends when the vCPU is unplugged.
+fn spawn_vcpu(vm: &Arc<Vm>, n: u32) {
+    let vm = vm.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("vcpu{n}"))
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            {
+                let mut tids = vm.tids.lock().unwrap();
+                if tids.len() <= n as usize {
+                    tids.resize(n as usize + 1, 0);
+                }
+                tids[n as usize] = tid;
+            }
+            let _ = tx.send(tid);
+            loop {
+                std::thread::sleep(Duration::from_millis(10));
+                if vm.live.lock().unwrap().stopping.remove(&n) {
+                    return;
+                }
+                if !vm.paused.load(Ordering::SeqCst) && n == 0 {
+                    vm.ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+    // The thread id is known before the request is answered (the real VMM does the same).
+    let _ = rx.recv_timeout(Duration::from_secs(1));
+}
+
+/// The typed configuration when the VMM was started with `--config FILE` (rvirt-vmm's JSON
+/// form); the live-resource handlers read boot devices and the balloon's start from it.
+fn config_file() -> Option<rvirt_api::vmm_config::VmConfig> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.windows(2).find(|w| w[0] == "--config")?[1].clone();
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// The hotplug maximum: the config file's `cpus.max`, else generous (the command line form has
+/// no maximum; rvirtd checks `<vcpu>` itself).
+fn max_vcpus(vm: &Vm) -> u32 {
+    config_file().map_or(FAKE_MAX_VCPUS.max(vm.vcpus), |c| c.cpus.max())
+}
+
+/// The guest never ejects what it is asked to (for unplug timeouts).
+fn no_eject() -> bool {
+    let in_cmdline = |s: &str| s.split_whitespace().any(|w| w == "fake.no_eject");
+    std::env::var("RVIRT_FAKE_NO_EJECT").is_ok_and(|v| v == "1")
+        || std::env::args().any(|a| in_cmdline(&a))
+        || config_file().is_some_and(|c| match &c.boot {
+            rvirt_api::vmm_config::BootConfig::Kernel { cmdline, .. } => in_cmdline(cmdline),
+        })
+}
+
+fn set_vcpus(vm: &Arc<Vm>, count: u32) -> Response {
+    let online = vm.tids.lock().unwrap().len() as u32;
+    let max = max_vcpus(vm);
+    if count == 0 || count > max {
+        return Response::Error {
+            message: format!("vCPU count {count} is out of range 1-{max}"),
+        };
+    }
+    if count > online {
+        for n in online..count {
+            spawn_vcpu(vm, n);
+            let tid = vm.tids.lock().unwrap()[n as usize];
+            vm.broadcast(&Event::VcpuAdded { vcpu: n, tid });
+        }
+    } else if count < online && !no_eject() {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            for n in (count..online).rev() {
+                vm.live.lock().unwrap().stopping.insert(n);
+                // Wait for the thread to end, as the guest's eject does.
+                while vm.live.lock().unwrap().stopping.contains(&n) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                vm.tids.lock().unwrap().truncate(n as usize);
+                vm.broadcast(&Event::VcpuRemoved { vcpu: n });
+            }
+        });
+    }
+    Response::Ok
+}
+
+fn balloon(vm: &Vm) -> (u64, u64) {
+    *vm.live.lock().unwrap().balloon.get_or_insert_with(|| {
+        // `memory.current` of a config file: the balloon starts inflated to it.
+        let start = config_file()
+            .and_then(|c| c.memory.current)
+            .unwrap_or(vm.memory_bytes)
+            .min(vm.memory_bytes);
+        (start, start)
+    })
+}
+
+/// QEMU's semantics: the target is clamped to the RAM size; the guest gets there on its own.
+fn set_balloon(vm: &Arc<Vm>, target: u64) -> Response {
+    if target == 0 {
+        return Response::Error {
+            message: "balloon target must be above zero".into(),
+        };
+    }
+    let target = target.min(vm.memory_bytes);
+    let (start, _) = balloon(vm);
+    vm.live.lock().unwrap().balloon = Some((start, target));
+    let vm = vm.clone();
+    std::thread::spawn(move || {
+        const STEPS: u64 = 4;
+        for step in 1..=STEPS {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut live = vm.live.lock().unwrap();
+            let Some((_, cur_target)) = live.balloon else {
+                return;
+            };
+            if cur_target != target {
+                return; // a newer target took over
+            }
+            let actual = if step == STEPS {
+                target
+            } else if target >= start {
+                start + (target - start) * step / STEPS
+            } else {
+                start - (start - target) * step / STEPS
+            };
+            // Guest pages are 4 KiB.
+            let actual = actual / 4096 * 4096;
+            live.balloon = Some((actual, target));
+            drop(live);
+            vm.broadcast(&Event::BalloonChanged {
+                actual_bytes: actual,
+            });
+        }
+    });
+    Response::Ok
+}
+
+/// What a small idle Linux guest reports: most memory free, some page cache.
+fn guest_stats(actual: u64, period: u32) -> BalloonStats {
+    if period == 0 {
+        return BalloonStats::default();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    BalloonStats {
+        swap_in: Some(0),
+        swap_out: Some(0),
+        major_fault: Some(212),
+        minor_fault: Some(48_219),
+        unused: Some(actual / 4 * 3),
+        available: Some(actual - actual / 32),
+        usable: Some(actual / 5 * 4),
+        disk_caches: Some(actual / 16),
+        hugetlb_pgalloc: Some(0),
+        hugetlb_pgfail: Some(0),
+        last_update: now,
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Boot devices as the command line (or `--config` file) gave them: disks first, then NICs.
+fn boot_devices() -> Vec<FakeDevice> {
+    let mut out = Vec::new();
+    let mut slot = FIRST_SLOT;
+    if let Some(c) = config_file() {
+        for (i, d) in c.disks.iter().enumerate() {
+            out.push(FakeDevice {
+                id: d.id.clone().unwrap_or_else(|| format!("virtio-disk{i}")),
+                kind: "block",
+                backend: d.path.display().to_string(),
+                slot,
+            });
+            slot += 1;
+        }
+        for (i, n) in c.nets.iter().enumerate() {
+            out.push(FakeDevice {
+                id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                kind: "net",
+                backend: n.tap.clone(),
+                slot,
+            });
+            slot += 1;
+        }
+        return out;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    for kind in ["--disk", "--net"] {
+        for (index, w) in args.windows(2).filter(|w| w[0] == kind).enumerate() {
+            let key = if kind == "--disk" { "path=" } else { "tap=" };
+            let backend = w[1]
+                .split(',')
+                .find_map(|p| p.strip_prefix(key))
+                .unwrap_or_default()
+                .to_string();
+            let (id, kind) = if kind == "--disk" {
+                (format!("virtio-disk{index}"), "block")
+            } else {
+                (format!("net{index}"), "net")
+            };
+            out.push(FakeDevice {
+                id,
+                kind,
+                backend,
+                slot,
+            });
+            slot += 1;
+        }
+    }
+    out
+}
+
+fn devices(vm: &Vm) -> Vec<FakeDevice> {
+    vm.live
+        .lock()
+        .unwrap()
+        .devices
+        .get_or_insert_with(boot_devices)
+        .clone()
+}
+
+fn add_device(vm: &Vm, id: Option<String>, kind: &'static str, backend: String) -> Response {
+    let mut live = vm.live.lock().unwrap();
+    let devs = live.devices.get_or_insert_with(boot_devices);
+    let id = id.unwrap_or_else(|| {
+        let prefix = if kind == "block" {
+            "virtio-disk"
+        } else {
+            "net"
+        };
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|c| !devs.iter().any(|d| d.id == *c))
+            .expect("a free id")
+    });
+    if devs.iter().any(|d| d.id == id) {
+        return Response::Error {
+            message: format!("device id '{id}' is already in use; choose another id"),
+        };
+    }
+    let Some(slot) = (FIRST_SLOT..32).find(|s| !devs.iter().any(|d| d.slot == *s)) else {
+        return Response::Error {
+            message: "no free PCI slot on bus 0 (slots 2-31 are taken); remove a device first"
+                .into(),
+        };
+    };
+    devs.push(FakeDevice {
+        id: id.clone(),
+        kind,
+        backend,
+        slot,
+    });
+    Response::DeviceAdded { id, slot }
+}
+
+fn remove_device(vm: &Arc<Vm>, id: String) -> Response {
+    {
+        let mut live = vm.live.lock().unwrap();
+        let devs = live.devices.get_or_insert_with(boot_devices);
+        if !devs.iter().any(|d| d.id == id) {
+            return Response::Error {
+                message: format!("no device with id '{id}'"),
+            };
+        }
+        if !live.unplugging.insert(id.clone()) || no_eject() {
+            return Response::Ok;
+        }
+    }
+    let vm = vm.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        {
+            let mut live = vm.live.lock().unwrap();
+            live.unplugging.remove(&id);
+            if let Some(devs) = live.devices.as_mut() {
+                devs.retain(|d| d.id != id);
+            }
+        }
+        vm.broadcast(&Event::DeviceRemoved { id });
+    });
+    Response::Ok
+}
+
+/// Fixed counters per device, named as rvirt-vmm's virtio devices name them.
+fn counters(d: &FakeDevice) -> BTreeMap<String, u64> {
+    let s = u64::from(d.slot);
+    let named: &[(&str, u64)] = if d.kind == "block" {
+        &[
+            ("read_requests", 100 + s),
+            ("write_requests", 20 + s),
+            ("flush_requests", 3),
+            ("discard_requests", 0),
+            ("write_zeroes_requests", 0),
+            ("bytes_read", (100 + s) * 4096),
+            ("bytes_written", (20 + s) * 4096),
+            ("errors", 0),
+            ("bad_chains", 0),
+        ]
+    } else {
+        &[
+            ("rx_frames", 50 + s),
+            ("rx_bytes", (50 + s) * 100),
+            ("rx_dropped", 0),
+            ("tx_frames", 40 + s),
+            ("tx_bytes", (40 + s) * 100),
+            ("tx_dropped", 1),
+        ]
+    };
+    named.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }

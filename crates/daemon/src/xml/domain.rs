@@ -431,6 +431,12 @@ impl Domain {
         Ok(())
     }
 
+    /// Reads the typed view again after the tree was edited (hotplug, setmem, setvcpus).
+    pub fn reparse(&mut self) -> Result<(), DomainXmlError> {
+        self.def = read_domain(&self.tree)?;
+        Ok(())
+    }
+
     pub fn set_emulatorpin(&mut self, cpus: &CpuSet) -> Result<(), DomainXmlError> {
         let cputune = self.tree.child_or_insert("cputune");
         cputune
@@ -885,7 +891,7 @@ fn valid_serial_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-' | ' ')
 }
 
-fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
+pub(crate) fn read_disk(dev: &Element) -> Result<Disk, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("file");
     if kind != "file" && kind != "block" {
         return Err(unsupported(
@@ -1023,7 +1029,7 @@ pub fn validate_mac(mac: &str) -> bool {
         && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
 }
 
-fn read_interface(dev: &Element, index: usize) -> Result<Interface, DomainXmlError> {
+pub(crate) fn read_interface(dev: &Element, index: usize) -> Result<Interface, DomainXmlError> {
     let kind = dev.attr("type").unwrap_or("");
     let source_el = dev.child("source");
     let source = match kind {
