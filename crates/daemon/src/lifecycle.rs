@@ -278,8 +278,8 @@ impl Manager {
             st.reason = StateReason::Failed;
             self.log(name, &format!("start failed: {why}"));
         };
-        let config = vmm_config(def, &api, &serial, &taps)
-            .and_then(|cfg| write_vmm_config(&dir, &cfg));
+        let config =
+            vmm_config(def, &api, &serial, &taps).and_then(|cfg| write_vmm_config(&dir, &cfg));
         let args = match config {
             Ok(path) => vec!["--config".to_string(), path.display().to_string()],
             Err(e) => {

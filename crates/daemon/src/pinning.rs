@@ -69,7 +69,10 @@ impl Manager {
             }
             self.log(
                 &run.name,
-                &format!("cputune applied to {} vCPU threads while paused", threads.len()),
+                &format!(
+                    "cputune applied to {} vCPU threads while paused",
+                    threads.len()
+                ),
             );
             Ok(())
         }

@@ -88,7 +88,10 @@ fn virt_install_file_is_read_fully() {
     assert_eq!(def.boot, vec!["hd"]);
     assert!(def.has_balloon());
     assert_eq!(def.balloon_stats_period, None);
-    assert_eq!(def.disks[0].alias, "virtio-disk0", "libvirt's default alias");
+    assert_eq!(
+        def.disks[0].alias, "virtio-disk0",
+        "libvirt's default alias"
+    );
     assert_eq!(def.interfaces[0].alias, "net0");
     // The guest-agent channel is unknown to rvirt, and cache='none' (O_DIRECT) cannot be
     // applied yet: one warning each. The virtio balloon is passed to the VMM: no warning.
