@@ -857,3 +857,128 @@ async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<(),
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(extra: &str, devices: &str) -> DomainDef {
+        Domain::parse(&format!(
+            "<domain type='kvm'><name>t</name><memory unit='KiB'>1048576</memory>\
+             <currentMemory unit='KiB'>524289</currentMemory>{extra}\
+             <os><type>hvm</type><kernel>/k</kernel></os><devices>{devices}</devices></domain>"
+        ))
+        .unwrap()
+        .def
+    }
+
+    fn cfg(d: &DomainDef) -> VmConfig {
+        vmm_config(
+            d,
+            Path::new("/r/api.sock"),
+            Path::new("/r/serial.sock"),
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn memory_with_and_without_a_balloon() {
+        // Default: libvirt's virtio balloon; currentMemory rounds up to MiB.
+        let c = cfg(&def("", ""));
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(c.memory.current, Some(513 << 20));
+        assert_eq!(c.balloon, Some(BalloonConfig::default()));
+        // No balloon: the guest gets currentMemory, as before the balloon existed.
+        let c = cfg(&def("", "<memballoon model='none'/>"));
+        assert_eq!((c.memory.size, c.memory.current), (513 << 20, None));
+        assert!(c.balloon.is_none());
+    }
+
+    #[test]
+    fn vcpus_pinning_and_defaults() {
+        let c = cfg(&def(
+            "<vcpu cpuset='1-2' current='2'>4</vcpu><cputune><vcpupin vcpu='3' cpuset='0'/></cputune>",
+            "",
+        ));
+        assert_eq!(
+            c.cpus,
+            CpuConfig {
+                boot: 2,
+                max: Some(4)
+            }
+        );
+        assert_eq!(
+            c.emulator_affinity,
+            Some(vec![1, 2]),
+            "<vcpu cpuset> default"
+        );
+        let pins: Vec<(u32, Vec<usize>)> = c
+            .vcpu_affinity
+            .into_iter()
+            .map(|a| (a.vcpu, a.cpus))
+            .collect();
+        assert_eq!(
+            pins,
+            [
+                (0, vec![1, 2]),
+                (1, vec![1, 2]),
+                (2, vec![1, 2]),
+                (3, vec![0])
+            ]
+        );
+        assert!(c.start_paused, "rvirtd always starts the VMM paused");
+        let c = cfg(&def("<vcpu>2</vcpu>", ""));
+        assert_eq!(c.cpus, CpuConfig { boot: 2, max: None });
+        assert!(c.vcpu_affinity.is_empty() && c.emulator_affinity.is_none());
+        match c.boot {
+            BootConfig::Kernel { cmdline, .. } => {
+                assert_eq!(cmdline, "console=ttyS0 reboot=k panic=1")
+            }
+        }
+    }
+
+    #[test]
+    fn nics_get_taps_macs_and_aliases() {
+        let d = def(
+            "",
+            "<interface type='bridge'><source bridge='br0'/><mac address='52:54:00:00:00:01'/></interface>\
+             <interface type='bridge'><source bridge='br0'/><alias name='ua-x'/></interface>",
+        );
+        let c = vmm_config(
+            &d,
+            Path::new("/a"),
+            Path::new("/s"),
+            &["tap0".into(), "tap1".into()],
+        )
+        .unwrap();
+        assert_eq!(c.nets[0].mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        assert_eq!(c.nets[0].id.as_deref(), Some("net0"));
+        assert_eq!(
+            (
+                c.nets[1].tap.as_str(),
+                c.nets[1].mac,
+                c.nets[1].id.as_deref()
+            ),
+            ("tap1", None, Some("ua-x"))
+        );
+    }
+
+    #[test]
+    fn config_file_is_private_and_atomic() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&def("", ""));
+        let p = write_vmm_config(dir.path(), &c).unwrap();
+        assert_eq!(p, dir.path().join(VMM_CONFIG_FILE));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back: VmConfig = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+}
