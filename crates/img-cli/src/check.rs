@@ -56,6 +56,7 @@ pub fn run(
         force_share: a.force_share && mode == RepairMode::None,
         no_backing: true,
         repair: mode != RepairMode::None,
+        direct: false,
     };
     let img = open_image(path, parse_format(a.format.as_deref())?, &opts)
         .with_context(|| format!("could not open '{}'", path.display()))?;

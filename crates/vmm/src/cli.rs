@@ -432,7 +432,7 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
             mib(mem.size)
         );
     }
-    if mem.size % 4096 != 0 {
+    if !mem.size.is_multiple_of(4096) {
         bail!(
             "memory.size (--memory) {} bytes is not a multiple of 4 KiB; round it",
             mem.size
@@ -453,7 +453,7 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
                 mib(cur)
             );
         }
-        if cur % 4096 != 0 {
+        if !cur.is_multiple_of(4096) {
             bail!(
                 "memory.current (--balloon current=) {cur} bytes is not a multiple of 4 KiB; round it"
             );
