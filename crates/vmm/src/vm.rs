@@ -674,7 +674,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         let blk = virtio::block::Block::new(
             img,
             &virtio::block::BlockConfig {
-                id: format!("disk{i}"),
+                id: d.serial.clone().unwrap_or_else(|| format!("disk{i}")),
                 read_only: d.readonly,
             },
         );
