@@ -675,15 +675,6 @@ fn not_applied(def: &DomainDef) -> Vec<String> {
             def.current_memory_kib, def.memory_kib, def.current_memory_kib
         ));
     }
-    for d in &def.disks {
-        if let Some(c @ ("none" | "directsync")) = d.cache.as_deref() {
-            w.push(format!(
-                "<driver cache='{c}'> of disk {} needs O_DIRECT, which rvirt-vmm does not support \
-                 yet: the domain will fail to start; use cache='writeback' or cache='writethrough'",
-                d.target
-            ));
-        }
-    }
     w
 }
 
@@ -1210,7 +1201,8 @@ mod tests {
         assert_eq!(d.def.disks[0].cache.as_deref(), Some("writethrough"));
         assert!(d.warnings.is_empty(), "{:?}", d.warnings);
         let d = dom(&disk("vda", "<driver type='raw' cache='none'/>"), "").unwrap();
-        assert!(d.warnings[0].contains("needs O_DIRECT"), "{:?}", d.warnings);
+        assert_eq!(d.def.disks[0].cache.as_deref(), Some("none"));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
     }
 
     #[test]
