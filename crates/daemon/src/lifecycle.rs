@@ -313,7 +313,8 @@ impl Manager {
             &run_record_path(&dir),
             serde_json::to_string(&run).unwrap_or_default().as_bytes(),
         );
-        if let Err(e) = wait_ready(&mut child, &api).await {
+        let vmm_state = wait_ready(&mut child, &api).await;
+        if let Err(e) = vmm_state {
             let _ = child.start_kill();
             let _ = child.wait().await;
             let tail = self.log_tail(name, 5);
@@ -326,14 +327,31 @@ impl Manager {
                 "rvirt-vmm for domain '{name}' did not start: {msg}"
             )));
         }
+        // Watch from now on, so that no state change (a power button pressed right after the
+        // start returns) is missed before supervision begins.
+        let watch = Watch::open(&api).await.ok();
         // The VMM started paused (QEMU's -S): pin its threads while no vCPU has run, then let
         // it go (QEMU's `cont`), unless the user asked for a paused start.
+        let vmm_paused = vmm_state == Ok(RunState::Paused);
+        if !vmm_paused {
+            self.log(
+                name,
+                "rvirt-vmm did not start paused (start_paused not honoured): its vCPUs run before pinning",
+            );
+        }
         self.apply_cputune(&run, def).await;
-        if !paused {
-            if let Err(e) = vmm_client::request(&run.api_socket, &Request::Resume).await {
+        // Bring the VMM to the state asked for: resume the paused one, or pause one that did not
+        // start paused when --paused was given.
+        let want = match (paused, vmm_paused) {
+            (false, true) => Some(Request::Resume),
+            (true, false) => Some(Request::Pause),
+            _ => None,
+        };
+        if let Some(req) = want {
+            if let Err(e) = vmm_client::request(&run.api_socket, &req).await {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                let msg = format!("cannot resume the paused VMM after start-up: {e}");
+                let msg = format!("cannot {req:?} the VMM after start-up: {e}").to_lowercase();
                 cleanup(&msg);
                 return Err(ApiError::failed(format!(
                     "rvirt-vmm for domain '{name}' did not start: {msg}"
@@ -363,7 +381,10 @@ impl Manager {
                 args.join(" ")
             ),
         );
-        tokio::spawn(self.clone().supervise(slot.clone(), run, Some(child)));
+        tokio::spawn(
+            self.clone()
+                .supervise(slot.clone(), run, Some(child), watch),
+        );
         Ok(())
     }
 
@@ -400,15 +421,22 @@ impl Manager {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Follows one VMM run until it ends, then reconciles the domain's state.
+    /// Follows one VMM run until it ends, then reconciles the domain's state. `watch` is an
+    /// event stream opened earlier (so no event since then is missed); without one it opens
+    /// its own.
     pub async fn supervise(
         self: Arc<Self>,
         slot: Arc<Slot>,
         run: Run,
         child: Option<tokio::process::Child>,
+        watch: Option<Watch>,
     ) {
         let mut told: Option<ExitReason> = None;
-        if let Ok(mut watch) = Watch::open(&run.api_socket).await {
+        let watch = match watch {
+            Some(w) => Ok(w),
+            None => Watch::open(&run.api_socket).await,
+        };
+        if let Ok(mut watch) = watch {
             while let Some(ev) = watch.next().await {
                 match ev {
                     Event::Exited { reason } => told = Some(reason),
@@ -817,7 +845,7 @@ impl Manager {
                 run.pid
             ),
         );
-        tokio::spawn(self.clone().supervise(slot, run, None));
+        tokio::spawn(self.clone().supervise(slot, run, None, None));
         Ok(())
     }
 
@@ -838,15 +866,21 @@ impl Manager {
     }
 }
 
-/// Waits until the VMM answers on its control socket, or fails if it exits first.
-async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<(), String> {
+/// Waits until the VMM answers `info` on its control socket (returning its run state), or
+/// fails if it exits first.
+async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<RunState, String> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("rvirt-vmm exited during start-up with {status}"));
         }
-        if api.exists() && vmm_client::request(api, &Request::Info).await.is_ok() {
-            return Ok(());
+        if api.exists() {
+            match vmm_client::request(api, &Request::Info).await {
+                Ok(Response::Info { state, .. }) => return Ok(state),
+                // Any other answer still means it is up.
+                Ok(_) => return Ok(RunState::Running),
+                Err(_) => {}
+            }
         }
         if tokio::time::Instant::now() > deadline {
             return Err(format!(

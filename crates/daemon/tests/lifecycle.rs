@@ -957,3 +957,29 @@ fn start_paused_stays_paused_until_resume() {
     assert!(d.domain_log("pp").contains("rvirt-fake-vmm: resumed;"));
     d.ok("POST", "/v1/domains/pp/destroy", None);
 }
+
+/// A VMM that ignores start_paused: rvirtd says so in the log and still honours --paused.
+#[test]
+fn start_paused_with_a_vmm_that_runs_at_once() {
+    let d = Daemon::start();
+    let xml = d
+        .xml("old", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.ignore_start_paused");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok(
+        "POST",
+        "/v1/domains/old/start",
+        Some(json!({"paused": true})),
+    );
+    assert_eq!(d.state("old"), ("paused".into(), "user".into()));
+    let mut con = d.console("old", false).unwrap();
+    let a = con.progress();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(con.progress(), a, "paused by rvirtd");
+    assert!(
+        d.domain_log("old").contains("did not start paused"),
+        "{}",
+        d.domain_log("old")
+    );
+    d.ok("POST", "/v1/domains/old/destroy", None);
+}
