@@ -408,10 +408,10 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
 
     let boot = cfg.cpus.boot;
     if boot == 0 {
-        bail!("cpus.boot (--cpus) is 0: a VM needs at least one vCPU");
+        bail!("--cpus 0 (cpus.boot): a VM needs at least one vCPU");
     }
     if boot > MAX_VCPUS {
-        bail!("cpus.boot (--cpus) is {boot}: at most {MAX_VCPUS} vCPUs are supported");
+        bail!("--cpus {boot} (cpus.boot): at most {MAX_VCPUS} vCPUs are supported");
     }
     if let Some(max) = cfg.cpus.max {
         if max < boot {
