@@ -88,6 +88,8 @@ pub struct DiskPlan {
     /// Bytes to create when the file is missing.
     pub create_size: Option<u64>,
     pub readonly: bool,
+    /// `cache=` (libvirt's `<driver cache=...>`).
+    pub cache: Option<String>,
 }
 
 pub fn plan_disks(args: &InstallArgs) -> anyhow::Result<Vec<DiskPlan>> {
@@ -101,6 +103,7 @@ pub fn plan_disks(args: &InstallArgs) -> anyhow::Result<Vec<DiskPlan>> {
             format: String::new(),
             create_size: None,
             readonly: false,
+            cache: None,
         };
         let mut size_gib: Option<f64> = None;
         for (k, v) in parse_opts(spec)? {
@@ -117,8 +120,18 @@ pub fn plan_disks(args: &InstallArgs) -> anyhow::Result<Vec<DiskPlan>> {
                 "bus" => {}
                 "readonly" => plan.readonly = matches!(v.as_str(), "on" | "yes" | "true" | ""),
                 "device" if v != "disk" => bail!("--disk device={v}: only disks are supported"),
-                "device" | "cache" | "sparse" => {}
-                other => bail!("--disk: unknown option '{other}' (use path=,size=,format=,bus=)"),
+                "cache" => {
+                    if rvirt_api::vmm_config::CacheMode::parse(&v).is_none() {
+                        bail!(
+                            "--disk cache={v}: use none, writeback, writethrough, directsync or unsafe"
+                        );
+                    }
+                    plan.cache = Some(v);
+                }
+                "device" | "sparse" => {}
+                other => bail!(
+                    "--disk: unknown option '{other}' (use path=,size=,format=,bus=,readonly=,cache=)"
+                ),
             }
         }
         if plan.path.as_os_str().is_empty() {
@@ -220,8 +233,13 @@ pub fn build_xml(args: &InstallArgs, disks: &[DiskPlan]) -> anyhow::Result<Strin
     for (i, d) in disks.iter().enumerate() {
         let dev = format!("vd{}", (b'a' + i as u8) as char);
         x.push_str("    <disk type='file' device='disk'>\n");
+        let cache = d
+            .cache
+            .as_ref()
+            .map(|c| format!(" cache='{c}'"))
+            .unwrap_or_default();
         x.push_str(&format!(
-            "      <driver name='qemu' type='{}'/>\n",
+            "      <driver name='qemu' type='{}'{cache}/>\n",
             d.format
         ));
         x.push_str(&format!(
@@ -356,7 +374,7 @@ mod tests {
             "--vcpus",
             "2",
             "--disk",
-            &format!("path={},size=1", disk.display()),
+            &format!("path={},size=1,cache=writethrough", disk.display()),
             "--boot",
             "kernel=/k,initrd=/i,kernel_args=\"console=ttyS0\"",
             "--network",
@@ -374,7 +392,8 @@ mod tests {
             "<cmdline>console=ttyS0</cmdline>",
             "<source bridge='br0'/>",
             "listen='0.0.0.0'",
-            "type='qcow2'",
+            "type='qcow2' cache='writethrough'",
+            "<memballoon model='virtio'>",
         ] {
             assert!(xml.contains(needle), "{needle} missing in {xml}");
         }
@@ -389,6 +408,11 @@ mod tests {
     fn bad_options_are_named() {
         let a = args(&["--disk", "path=/nonexistent/x.img"]);
         assert!(plan_disks(&a).unwrap_err().to_string().contains("size=GiB"));
+        let a = args(&["--disk", "path=/x,size=1,cache=fast"]);
+        assert!(plan_disks(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("cache=fast"));
         let a = args(&["--disk", "path=/x,bus=sata"]);
         assert!(plan_disks(&a).unwrap_err().to_string().contains("bus=sata"));
         let a = args(&["--boot", "hd"]);

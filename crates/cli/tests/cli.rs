@@ -340,6 +340,21 @@ fn edit_validates_and_redefines() {
 }
 
 #[test]
+fn start_paused_then_resume() {
+    let Some(e) = Env::start() else { return };
+    let f = e.xml_file_no_nic("sp");
+    e.ok(&["define", f.to_str().unwrap()]);
+    assert_eq!(
+        e.ok(&["start", "--paused", "sp"]),
+        "Domain 'sp' started\n\n"
+    );
+    assert_eq!(e.ok(&["domstate", "sp"]), "paused\n\n");
+    e.ok(&["resume", "sp"]);
+    assert_eq!(e.ok(&["domstate", "sp"]), "running\n\n");
+    e.ok(&["destroy", "sp"]);
+}
+
+#[test]
 fn install_creates_disk_defines_and_starts() {
     let Some(e) = Env::start() else { return };
     let disk = e.dir.path().join("inst.qcow2");
@@ -369,6 +384,10 @@ fn install_creates_disk_defines_and_starts() {
     assert!(
         xml.contains("<cmdline>console=ttyS0 quiet</cmdline>"),
         "{xml}"
+    );
+    assert!(
+        xml.contains("<memballoon model='virtio'>\n      <stats period='5'/>"),
+        "a virtio balloon, as virt-install writes: {xml}"
     );
     assert!(!disk.exists(), "--print-xml changes nothing");
     let out = e.ok(&[&common[..], &["--noautoconsole", "--autostart"]].concat());

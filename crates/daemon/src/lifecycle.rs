@@ -313,7 +313,8 @@ impl Manager {
             &run_record_path(&dir),
             serde_json::to_string(&run).unwrap_or_default().as_bytes(),
         );
-        if let Err(e) = wait_ready(&mut child, &api).await {
+        let vmm_state = wait_ready(&mut child, &api).await;
+        if let Err(e) = vmm_state {
             let _ = child.start_kill();
             let _ = child.wait().await;
             let tail = self.log_tail(name, 5);
@@ -326,14 +327,31 @@ impl Manager {
                 "rvirt-vmm for domain '{name}' did not start: {msg}"
             )));
         }
+        // Watch from now on, so that no state change (a power button pressed right after the
+        // start returns) is missed before supervision begins.
+        let watch = Watch::open(&api).await.ok();
         // The VMM started paused (QEMU's -S): pin its threads while no vCPU has run, then let
         // it go (QEMU's `cont`), unless the user asked for a paused start.
+        let vmm_paused = vmm_state == Ok(RunState::Paused);
+        if !vmm_paused {
+            self.log(
+                name,
+                "rvirt-vmm did not start paused (start_paused not honoured): its vCPUs run before pinning",
+            );
+        }
         self.apply_cputune(&run, def).await;
-        if !paused {
-            if let Err(e) = vmm_client::request(&run.api_socket, &Request::Resume).await {
+        // Bring the VMM to the state asked for: resume the paused one, or pause one that did not
+        // start paused when --paused was given.
+        let want = match (paused, vmm_paused) {
+            (false, true) => Some(Request::Resume),
+            (true, false) => Some(Request::Pause),
+            _ => None,
+        };
+        if let Some(req) = want {
+            if let Err(e) = vmm_client::request(&run.api_socket, &req).await {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                let msg = format!("cannot resume the paused VMM after start-up: {e}");
+                let msg = format!("cannot {req:?} the VMM after start-up: {e}").to_lowercase();
                 cleanup(&msg);
                 return Err(ApiError::failed(format!(
                     "rvirt-vmm for domain '{name}' did not start: {msg}"
@@ -363,7 +381,10 @@ impl Manager {
                 args.join(" ")
             ),
         );
-        tokio::spawn(self.clone().supervise(slot.clone(), run, Some(child)));
+        tokio::spawn(
+            self.clone()
+                .supervise(slot.clone(), run, Some(child), watch),
+        );
         Ok(())
     }
 
@@ -400,15 +421,22 @@ impl Manager {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// Follows one VMM run until it ends, then reconciles the domain's state.
+    /// Follows one VMM run until it ends, then reconciles the domain's state. `watch` is an
+    /// event stream opened earlier (so no event since then is missed); without one it opens
+    /// its own.
     pub async fn supervise(
         self: Arc<Self>,
         slot: Arc<Slot>,
         run: Run,
         child: Option<tokio::process::Child>,
+        watch: Option<Watch>,
     ) {
         let mut told: Option<ExitReason> = None;
-        if let Ok(mut watch) = Watch::open(&run.api_socket).await {
+        let watch = match watch {
+            Some(w) => Ok(w),
+            None => Watch::open(&run.api_socket).await,
+        };
+        if let Ok(mut watch) = watch {
             // Boot devices get their alias and PCI address in the live XML.
             tokio::spawn(self.clone().annotate_devices(slot.clone(), run.clone()));
             while let Some(ev) = watch.next().await {
@@ -820,7 +848,7 @@ impl Manager {
                 run.pid
             ),
         );
-        tokio::spawn(self.clone().supervise(slot, run, None));
+        tokio::spawn(self.clone().supervise(slot, run, None, None));
         Ok(())
     }
 
@@ -841,15 +869,21 @@ impl Manager {
     }
 }
 
-/// Waits until the VMM answers on its control socket, or fails if it exits first.
-async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<(), String> {
+/// Waits until the VMM answers `info` on its control socket (returning its run state), or
+/// fails if it exits first.
+async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<RunState, String> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("rvirt-vmm exited during start-up with {status}"));
         }
-        if api.exists() && vmm_client::request(api, &Request::Info).await.is_ok() {
-            return Ok(());
+        if api.exists() {
+            match vmm_client::request(api, &Request::Info).await {
+                Ok(Response::Info { state, .. }) => return Ok(state),
+                // Any other answer still means it is up.
+                Ok(_) => return Ok(RunState::Running),
+                Err(_) => {}
+            }
         }
         if tokio::time::Instant::now() > deadline {
             return Err(format!(
@@ -858,5 +892,130 @@ async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<(),
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(extra: &str, devices: &str) -> DomainDef {
+        Domain::parse(&format!(
+            "<domain type='kvm'><name>t</name><memory unit='KiB'>1048576</memory>\
+             <currentMemory unit='KiB'>524289</currentMemory>{extra}\
+             <os><type>hvm</type><kernel>/k</kernel></os><devices>{devices}</devices></domain>"
+        ))
+        .unwrap()
+        .def
+    }
+
+    fn cfg(d: &DomainDef) -> VmConfig {
+        vmm_config(
+            d,
+            Path::new("/r/api.sock"),
+            Path::new("/r/serial.sock"),
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn memory_with_and_without_a_balloon() {
+        // Default: libvirt's virtio balloon; currentMemory rounds up to MiB.
+        let c = cfg(&def("", ""));
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(c.memory.current, Some(513 << 20));
+        assert_eq!(c.balloon, Some(BalloonConfig::default()));
+        // No balloon: the guest gets currentMemory, as before the balloon existed.
+        let c = cfg(&def("", "<memballoon model='none'/>"));
+        assert_eq!((c.memory.size, c.memory.current), (513 << 20, None));
+        assert!(c.balloon.is_none());
+    }
+
+    #[test]
+    fn vcpus_pinning_and_defaults() {
+        let c = cfg(&def(
+            "<vcpu cpuset='1-2' current='2'>4</vcpu><cputune><vcpupin vcpu='3' cpuset='0'/></cputune>",
+            "",
+        ));
+        assert_eq!(
+            c.cpus,
+            CpuConfig {
+                boot: 2,
+                max: Some(4)
+            }
+        );
+        assert_eq!(
+            c.emulator_affinity,
+            Some(vec![1, 2]),
+            "<vcpu cpuset> default"
+        );
+        let pins: Vec<(u32, Vec<usize>)> = c
+            .vcpu_affinity
+            .into_iter()
+            .map(|a| (a.vcpu, a.cpus))
+            .collect();
+        assert_eq!(
+            pins,
+            [
+                (0, vec![1, 2]),
+                (1, vec![1, 2]),
+                (2, vec![1, 2]),
+                (3, vec![0])
+            ]
+        );
+        assert!(c.start_paused, "rvirtd always starts the VMM paused");
+        let c = cfg(&def("<vcpu>2</vcpu>", ""));
+        assert_eq!(c.cpus, CpuConfig { boot: 2, max: None });
+        assert!(c.vcpu_affinity.is_empty() && c.emulator_affinity.is_none());
+        match c.boot {
+            BootConfig::Kernel { cmdline, .. } => {
+                assert_eq!(cmdline, "console=ttyS0 reboot=k panic=1")
+            }
+        }
+    }
+
+    #[test]
+    fn nics_get_taps_macs_and_aliases() {
+        let d = def(
+            "",
+            "<interface type='bridge'><source bridge='br0'/><mac address='52:54:00:00:00:01'/></interface>\
+             <interface type='bridge'><source bridge='br0'/><alias name='ua-x'/></interface>",
+        );
+        let c = vmm_config(
+            &d,
+            Path::new("/a"),
+            Path::new("/s"),
+            &["tap0".into(), "tap1".into()],
+        )
+        .unwrap();
+        assert_eq!(c.nets[0].mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        assert_eq!(c.nets[0].id.as_deref(), Some("net0"));
+        assert_eq!(
+            (
+                c.nets[1].tap.as_str(),
+                c.nets[1].mac,
+                c.nets[1].id.as_deref()
+            ),
+            ("tap1", None, Some("ua-x"))
+        );
+    }
+
+    #[test]
+    fn config_file_is_private_and_atomic() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&def("", ""));
+        let p = write_vmm_config(dir.path(), &c).unwrap();
+        assert_eq!(p, dir.path().join(VMM_CONFIG_FILE));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back: VmConfig = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

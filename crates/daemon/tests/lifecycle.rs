@@ -5,7 +5,7 @@
 mod common;
 
 use common::{processes_mentioning, Daemon};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -716,11 +716,14 @@ fn interfaces_get_taps_on_their_bridge_in_a_netns() {
     let show =
         String::from_utf8_lossy(&ip_in(&ns, &["-o", "link", "show", &tap]).stdout).into_owned();
     assert!(show.contains("master br-t"), "{show}");
-    assert!(
-        d.domain_log("n1")
-            .contains(&format!("--net tap={tap},mac=52:54:00:aa:bb:01")),
-        "{}",
-        d.domain_log("n1")
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.run_dir().join("n1/vmm-config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["nets"],
+        json!([{"tap": tap, "mac": [0x52, 0x54, 0, 0xaa, 0xbb, 1], "id": "net0"}]),
+        "{cfg}"
     );
     d.ok("POST", "/v1/domains/n1/destroy", None);
     assert!(
@@ -812,4 +815,171 @@ fn sigterm_stops_the_daemon_but_not_the_vms() {
     d.spawn();
     assert_eq!(d.pid("t9"), Some(pid));
     d.ok("POST", "/v1/domains/t9/destroy", None);
+}
+
+/// What rvirtd hands the VMM: `vmm-config.json` (0600) in the run dir, `--config` on the
+/// command line, with the XML settings the old argv dropped.
+#[test]
+fn vmm_config_file_carries_the_xml_settings() {
+    let d = Daemon::start();
+    let odd = d.dir.path().join("disk, one,format=qcow2 x.img");
+    std::fs::write(&odd, vec![0u8; 4096]).unwrap();
+    let xml = format!(
+        "<domain type='kvm'><name>cfg</name>\
+         <memory unit='MiB'>512</memory><currentMemory unit='MiB'>256</currentMemory>\
+         <vcpu current='1'>3</vcpu>\
+         <memoryBacking><nosharepages/><source type='memfd'/><access mode='shared'/></memoryBacking>\
+         <cputune><vcpupin vcpu='2' cpuset='0'/><emulatorpin cpuset='0'/></cputune>\
+         <os><type>hvm</type><kernel>{k}</kernel><cmdline>console=ttyS0</cmdline></os>\
+         <devices>\
+         <disk type='file'><driver name='qemu' type='raw' cache='none'/><source file='{p}'/>\
+         <target dev='vdb' bus='virtio'/><serial>SN-42</serial></disk>\
+         <disk type='file'><driver type='raw' cache='unsafe'/><source file='{p2}'/>\
+         <target dev='vda' bus='virtio'/><readonly/><alias name='ua-boot'/></disk>\
+         <memballoon model='virtio' autodeflate='on'><stats period='7'/></memballoon>\
+         </devices></domain>",
+        k = d.dir.path().join("vmlinux").display(),
+        p = odd.display(),
+        p2 = d.dir.path().join("disk.img").display(),
+    );
+    let r = d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    assert_eq!(r["warnings"], json!([]), "everything here is applied: {r}");
+    d.ok("POST", "/v1/domains/cfg/start", None);
+    let path = d.run_dir().join("cfg").join("vmm-config.json");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the VMM config is private");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let run = d.run_dir().join("cfg");
+    let expected = json!({
+        "name": "cfg",
+        "boot": {
+            "kind": "kernel",
+            "kernel": d.dir.path().join("vmlinux"),
+            "initrd": null,
+            "cmdline": "console=ttyS0"
+        },
+        "memory": {
+            "size": 512u64 << 20,
+            "current": 256u64 << 20,
+            "backing": {"hugepages": false, "nosharepages": true, "memfd": true, "shared": true}
+        },
+        "cpus": {"boot": 1, "max": 3},
+        "disks": [
+            {"path": odd, "format": "raw", "readonly": false, "cache": "none",
+             "serial": "SN-42", "id": "virtio-disk1"},
+            {"path": d.dir.path().join("disk.img"), "format": "raw", "readonly": true,
+             "cache": "unsafe", "serial": null, "id": "ua-boot"}
+        ],
+        "nets": [],
+        "serial": {"kind": "socket", "path": run.join("serial.sock")},
+        "balloon": {"deflate_on_oom": true, "free_page_reporting": false, "stats_period": 7},
+        "rng": true,
+        "api_socket": run.join("api.sock"),
+        "start_paused": true,
+        "emulator_affinity": [0],
+        "vcpu_affinity": [{"vcpu": 2, "cpus": [0]}]
+    });
+    assert_eq!(cfg, expected, "{cfg:#}");
+    // The typed struct reads it back (unknown fields would be refused).
+    let typed: rvirt_api::vmm_config::VmConfig = serde_json::from_value(cfg).unwrap();
+    assert_eq!(typed.disks[0].path, odd);
+    let log = d.domain_log("cfg");
+    assert!(
+        log.contains(&format!("--config {}", path.display())),
+        "{log}"
+    );
+    // The stand-in VMM read it: one vCPU thread (cpus.boot).
+    let v = d.ok("GET", "/v1/domains/cfg/vcpus", None);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    d.ok("POST", "/v1/domains/cfg/destroy", None);
+    assert!(!path.exists(), "run files removed at shut off");
+}
+
+/// libvirt's QEMU start: -S, pin, cont. The stand-in VMM starts paused (start_paused) and, on
+/// its first resume, logs the affinity every thread had then.
+#[test]
+fn start_pins_while_paused_then_resumes() {
+    let d = Daemon::start();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipping: pinning needs at least 2 host CPUs");
+        return;
+    }
+    d.define(
+        "sp",
+        "<cputune><vcpupin vcpu='0' cpuset='1'/><vcpupin vcpu='1' cpuset='0'/><emulatorpin cpuset='0'/></cputune>",
+    );
+    d.ok("POST", "/v1/domains/sp/start", None);
+    assert_eq!(d.state("sp"), ("running".into(), "booted".into()));
+    let log = d.domain_log("sp");
+    let applied = log.find("cputune applied").expect(&log);
+    let resumed = log
+        .find("rvirt-fake-vmm: resumed; affinity vcpu0=1 vcpu1=0 emulator=0\n")
+        .unwrap_or_else(|| panic!("pinned before the vCPUs ran: {log}"));
+    assert!(applied < resumed, "{log}");
+    let mut con = d.console("sp", false).unwrap();
+    let a = con.progress();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(con.progress() > a, "resumed: the guest makes progress");
+    d.ok("POST", "/v1/domains/sp/destroy", None);
+}
+
+/// virsh start --paused: the VMM is pinned and stays paused until resume.
+#[test]
+fn start_paused_stays_paused_until_resume() {
+    let d = Daemon::start();
+    d.define("pp", "");
+    d.ok(
+        "POST",
+        "/v1/domains/pp/start",
+        Some(json!({"paused": true})),
+    );
+    assert_eq!(d.state("pp"), ("paused".into(), "user".into()));
+    let mut con = d.console("pp", false).unwrap();
+    assert_eq!(con.progress(), 0, "no vCPU has run");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(con.progress(), 0, "still paused");
+    let log = d.domain_log("pp");
+    assert!(
+        log.contains("(id 1, paused)") && !log.contains("resumed;"),
+        "{log}"
+    );
+    let (status, err) = d.call(
+        "POST",
+        "/v1/domains/pp/start",
+        Some(json!({"paused": "yes"})),
+    );
+    assert_eq!(status, 400, "{err}");
+    d.ok("POST", "/v1/domains/pp/resume", None);
+    assert_eq!(d.state("pp"), ("running".into(), "unpaused".into()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(con.progress() > 0, "resumed");
+    assert!(d.domain_log("pp").contains("rvirt-fake-vmm: resumed;"));
+    d.ok("POST", "/v1/domains/pp/destroy", None);
+}
+
+/// A VMM that ignores start_paused: rvirtd says so in the log and still honours --paused.
+#[test]
+fn start_paused_with_a_vmm_that_runs_at_once() {
+    let d = Daemon::start();
+    let xml = d
+        .xml("old", "")
+        .replace("console=ttyS0", "console=ttyS0 fake.ignore_start_paused");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok(
+        "POST",
+        "/v1/domains/old/start",
+        Some(json!({"paused": true})),
+    );
+    assert_eq!(d.state("old"), ("paused".into(), "user".into()));
+    let mut con = d.console("old", false).unwrap();
+    let a = con.progress();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(con.progress(), a, "paused by rvirtd");
+    assert!(
+        d.domain_log("old").contains("did not start paused"),
+        "{}",
+        d.domain_log("old")
+    );
+    d.ok("POST", "/v1/domains/old/destroy", None);
 }

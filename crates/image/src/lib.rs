@@ -6,6 +6,7 @@
 
 mod block;
 pub mod cache;
+mod direct;
 mod error;
 mod lock;
 mod prealloc;
@@ -67,10 +68,10 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Open a corrupt or dirty image writable to repair it (`check -r`).
     pub repair: bool,
-    /// Bypass the host page cache (O_DIRECT; QEMU's `cache=none` and `directsync`). Not
-    /// supported yet: O_DIRECT needs block-aligned buffers, offsets and lengths, and neither
-    /// the formats' metadata I/O nor the virtio-blk request path provides them. Opening with
-    /// it fails with [`Error::InvalidArgument`] rather than silently using the page cache.
+    /// Bypass the host page cache (O_DIRECT; QEMU's `cache=none` and `directsync`) for the
+    /// block-aligned part of every request (see `direct.rs`: unaligned heads and tails use the
+    /// page cache). A file system without O_DIRECT (tmpfs) fails the open with
+    /// [`Error::InvalidArgument`]. Backing files are opened the same way.
     pub direct: bool,
 }
 
@@ -234,14 +235,6 @@ pub(crate) fn open_image_depth(
     opts: &OpenOptions,
     depth: u32,
 ) -> Result<Image> {
-    if opts.direct {
-        return Err(Error::InvalidArgument(format!(
-            "{}: O_DIRECT (cache=none or cache=directsync) is not supported yet: it needs \
-             block-aligned I/O buffers, which rvirt's image layer does not provide; use \
-             cache=writeback (the default) or cache=writethrough",
-            path.display()
-        )));
-    }
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -264,21 +257,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn direct_io_is_refused_clearly() {
+    fn direct_io_opens_and_keeps_data() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        f.as_file().set_len(4096).unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
         let opts = OpenOptions {
             direct: true,
             ..Default::default()
         };
-        let e = open_image(f.path(), Some(Format::Raw), &opts)
-            .err()
-            .expect("O_DIRECT refused")
-            .to_string();
-        assert!(
-            e.contains("cache=none") && e.contains("cache=writeback"),
-            "{e}"
-        );
-        assert!(open_image(f.path(), Some(Format::Raw), &OpenOptions::default()).is_ok());
+        let img = match open_image(f.path(), Some(Format::Raw), &opts) {
+            Ok(i) => i,
+            Err(Error::InvalidArgument(m)) if m.contains("does not support O_DIRECT") => {
+                assert!(m.contains("cache=writeback"), "{m}");
+                eprintln!("skipping: {m}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let data = vec![0xa5u8; 9000];
+        img.write_at(&data, 1000).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let plain = open_image(f.path(), Some(Format::Raw), &OpenOptions::default()).unwrap();
+        let mut back = vec![0u8; 9000];
+        plain.read_at(&mut back, 1000).unwrap();
+        assert_eq!(back, data);
     }
 }

@@ -1,7 +1,6 @@
 //! Raw images: the file is the disk, byte for byte.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use std::os::unix::io::AsRawFd;
@@ -16,6 +15,8 @@ pub struct RawFile {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// The O_DIRECT descriptor (cache=none/directsync).
+    direct: Option<crate::direct::Direct>,
 }
 
 impl RawFile {
@@ -40,11 +41,17 @@ impl RawFile {
             .map_err(|e| io("open", e))?;
         lock_image(&file, path, opts.lock_mode())?;
         let size = file.metadata().map_err(|e| io("stat", e))?.len();
+        let direct = if opts.direct {
+            Some(crate::direct::Direct::open(path, !read_only)?)
+        } else {
+            None
+        };
         Ok(RawFile {
             file,
             path: path.to_owned(),
             size,
             read_only,
+            direct,
         })
     }
 
@@ -131,16 +138,14 @@ impl BlockDevice for RawFile {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.file
-            .read_exact_at(buf, offset)
+        crate::direct::read_exact(self.direct.as_ref(), &self.file, buf, offset)
             .map_err(|e| self.io_err("read", e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
-        self.file
-            .write_all_at(buf, offset)
+        crate::direct::write_all(self.direct.as_ref(), &self.file, buf, offset)
             .map_err(|e| self.io_err("write", e))
     }
 

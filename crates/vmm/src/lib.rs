@@ -58,7 +58,12 @@ pub fn run_main() -> ExitCode {
             });
         }
     };
-    match cli::from_args(&args).and_then(vmm::run) {
+    let cfg = cli::from_args(&args).inspect(|cfg| {
+        for w in cli::not_applied(cfg) {
+            eprintln!("rvirt-vmm: warning: {w}");
+        }
+    });
+    match cfg.and_then(vmm::run) {
         Ok(reason) => {
             eprintln!("rvirt-vmm: VM stopped: {reason:?}");
             ExitCode::from(reason.exit_code() as u8)

@@ -182,7 +182,7 @@ fn bad_memory_and_cpus_are_exit_1() {
     for (args, want) in [
         (vec!["--memory", "0"], "--memory"),
         (vec!["--memory", "5T"], "too big"),
-        (vec!["--cpus", "0"], "(--cpus) is 0"),
+        (vec!["--cpus", "0"], "--cpus 0"),
         (
             vec!["--disk", "path=/nonexistent/d.img"],
             "/nonexistent/d.img",

@@ -13,6 +13,7 @@
 //! - cmdline `fake.shutdown_ms=N`: after the power button, report "shutting down" and power off
 //!   N ms later (default 50)
 //! - cmdline `fake.fail_start`: exit with an error before serving (a VMM that cannot start)
+//! - cmdline `fake.ignore_start_paused`: run at once even with `start_paused` (an older VMM)
 //! - console `poweroff` / `reboot` / `panic`: exit as rvirt-vmm does on guest poweroff (0),
 //!   reboot (3) or crash (4); `progress`: print how many 10 ms ticks the vCPUs ran (stops while
 //!   paused); anything else is echoed.
@@ -205,6 +206,12 @@ fn main() {
     let api = api.unwrap_or_else(|| fail("--api-socket is required"));
     if cmdline.split_whitespace().any(|w| w == "fake.fail_start") {
         fail("simulated start-up failure (fake.fail_start)");
+    }
+    if cmdline
+        .split_whitespace()
+        .any(|w| w == "fake.ignore_start_paused")
+    {
+        start_paused = false;
     }
     let mut sockets = vec![api.clone()];
     sockets.extend(serial.clone());

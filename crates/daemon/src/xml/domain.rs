@@ -681,15 +681,6 @@ fn not_applied(def: &DomainDef) -> Vec<String> {
             def.current_memory_kib, def.memory_kib, def.current_memory_kib
         ));
     }
-    for d in &def.disks {
-        if let Some(c @ ("none" | "directsync")) = d.cache.as_deref() {
-            w.push(format!(
-                "<driver cache='{c}'> of disk {} needs O_DIRECT, which rvirt-vmm does not support \
-                 yet: the domain will fail to start; use cache='writeback' or cache='writethrough'",
-                d.target
-            ));
-        }
-    }
     w
 }
 
@@ -1134,5 +1125,119 @@ mod tests {
         assert!(validate_mac("52:54:00:ab:CD:01"));
         assert!(!validate_mac("53:54:00:ab:cd:01"), "multicast bit");
         assert!(!validate_mac("52:54:00:ab:cd"));
+    }
+
+    fn dom(devices: &str, extra: &str) -> Result<Domain, DomainXmlError> {
+        Domain::parse(&format!(
+            "<domain type='kvm'><name>t</name><memory unit='MiB'>512</memory>{extra}\
+             <os><type>hvm</type><kernel>/k</kernel></os><devices>{devices}</devices></domain>"
+        ))
+    }
+
+    fn disk(target: &str, inner: &str) -> String {
+        format!(
+            "<disk type='file'><source file='/d-{target}'/><target dev='{target}' bus='virtio'/>{inner}</disk>"
+        )
+    }
+
+    #[test]
+    fn disk_indexes_follow_libvirt() {
+        assert_eq!(disk_index("vda"), Some(0));
+        assert_eq!(disk_index("vdz"), Some(25));
+        assert_eq!(disk_index("vdaa"), Some(26));
+        assert_eq!(disk_index("vdab"), Some(27));
+        assert_eq!(disk_index("sdb"), Some(1));
+        assert_eq!(disk_index("vd"), None);
+        assert_eq!(disk_index("vda1"), None);
+        assert_eq!(disk_index("disk0"), None);
+    }
+
+    #[test]
+    fn aliases_default_like_libvirt_and_must_be_unique() {
+        let nic = "<interface type='network'><source network='default'/></interface>";
+        let d = dom(
+            &format!("{}{}{nic}{nic}", disk("vdb", ""), disk("vda", "")),
+            "",
+        )
+        .unwrap();
+        let aliases: Vec<&str> = d.def.disks.iter().map(|d| d.alias.as_str()).collect();
+        assert_eq!(aliases, ["virtio-disk1", "virtio-disk0"]);
+        assert_eq!(d.def.interfaces[1].alias, "net1");
+        let d = dom(&disk("vda", "<alias name='ua-root'/>"), "").unwrap();
+        assert_eq!(d.def.disks[0].alias, "ua-root");
+        let e = dom(
+            &format!(
+                "{}{}",
+                disk("vda", "<alias name='ua-x'/>"),
+                disk("vdb", "<alias name='ua-x'/>")
+            ),
+            "",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("non unique alias detected: ua-x"), "{e}");
+        let e = dom(&disk("xyz", ""), "").unwrap_err().to_string();
+        assert!(e.contains("<target dev='xyz'>"), "{e}");
+    }
+
+    #[test]
+    fn disk_serial_and_cache() {
+        let d = dom(&disk("vda", "<serial>SN-1 a.b</serial>"), "").unwrap();
+        assert_eq!(d.def.disks[0].serial.as_deref(), Some("SN-1 a.b"));
+        let e = dom(&disk("vda", "<serial>123456789012345678901</serial>"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 20 bytes"), "{e}");
+        let e = dom(&disk("vda", "<serial>a,b</serial>"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("disk serial (a,b) contains invalid characters"),
+            "{e}"
+        );
+        let e = dom(&disk("vda", "<driver type='raw' cache='fast'/>"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown disk cache mode 'fast'"), "{e}");
+        let d = dom(
+            &disk("vda", "<driver type='raw' cache='writethrough'/>"),
+            "",
+        )
+        .unwrap();
+        assert_eq!(d.def.disks[0].cache.as_deref(), Some("writethrough"));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        let d = dom(&disk("vda", "<driver type='raw' cache='none'/>"), "").unwrap();
+        assert_eq!(d.def.disks[0].cache.as_deref(), Some("none"));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn memballoon_and_memory_backing() {
+        let d = dom("", "").unwrap();
+        assert!(d.def.has_balloon(), "libvirt's default: a virtio balloon");
+        let d = dom(
+            "<memballoon model='virtio' autodeflate='on' freePageReporting='on'><stats period='10'/></memballoon>",
+            "",
+        )
+        .unwrap();
+        assert!(d.def.balloon_autodeflate && d.def.balloon_free_page_reporting);
+        assert_eq!(d.def.balloon_stats_period, Some(10));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        let d = dom("<memballoon model='none'/>", "").unwrap();
+        assert!(!d.def.has_balloon());
+        let e = dom("<memballoon model='virtio' autodeflate='yes'/>", "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("autodeflate='yes'"), "{e}");
+        let d = dom(
+            "",
+            "<memoryBacking><hugepages/><nosharepages/><source type='memfd'/><access mode='shared'/></memoryBacking>",
+        )
+        .unwrap();
+        assert!(d.def.hugepages && d.def.nosharepages && d.def.memfd && d.def.shared_memory);
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        let d = dom("", "<memoryBacking><source type='file'/></memoryBacking>").unwrap();
+        assert!(d.warnings[0].contains("type='file'"), "{:?}", d.warnings);
+        assert!(dom("", "<memoryBacking><access mode='public'/></memoryBacking>").is_err());
     }
 }

@@ -111,6 +111,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let f = ImgFile {
         file: Arc::new(file),
         path: path.to_owned(),
+        direct: None,
     };
     let mut incompatible = 0;
     if o.compression == CompressionType::Zstd {

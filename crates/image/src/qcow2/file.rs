@@ -1,7 +1,6 @@
 //! Positioned I/O on the image file with errors that name the image, the table and the offset.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,6 +11,8 @@ use crate::{Error, Result};
 pub struct ImgFile {
     pub file: Arc<File>,
     pub path: PathBuf,
+    /// The O_DIRECT descriptor (cache=none/directsync).
+    pub direct: Option<Arc<crate::direct::Direct>>,
 }
 
 impl ImgFile {
@@ -26,7 +27,7 @@ impl ImgFile {
     /// Reads metadata `what` at `offset`; a short read means the table lies past the end of
     /// the file, which is corruption rather than an I/O failure.
     pub fn read_meta(&self, buf: &mut [u8], offset: u64, what: &str) -> Result<()> {
-        match self.file.read_exact_at(buf, offset) {
+        match crate::direct::read_exact(self.direct.as_deref(), &self.file, buf, offset) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(self.corrupt(format!(
                 "{what} at offset {offset:#x} ({} bytes) lies beyond the end of the file",
@@ -38,24 +39,14 @@ impl ImgFile {
 
     /// Reads data; bytes past the end of the file read as zeroes (a sparse tail).
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("read", &self.path, e)),
-            }
-        }
+        let n = crate::direct::read(self.direct.as_deref(), &self.file, buf, offset)
+            .map_err(|e| Error::io("read", &self.path, e))?;
+        buf[n..].fill(0);
         Ok(())
     }
 
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
+        crate::direct::write_all(self.direct.as_deref(), &self.file, buf, offset)
             .map_err(|e| Error::io("write", &self.path, e))
     }
 

@@ -85,9 +85,18 @@ impl Qcow2 {
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
         lock_image(&file, path, opts.lock_mode())?;
+        let direct = if opts.direct {
+            Some(Arc::new(crate::direct::Direct::open(
+                path,
+                !opts.read_only,
+            )?))
+        } else {
+            None
+        };
         let f = ImgFile {
             file: Arc::new(file),
             path: path.to_owned(),
+            direct,
         };
         let len = f.len()?;
         let mut first = vec![0u8; len.min(2 << 20) as usize];
