@@ -9,23 +9,11 @@ mem=$(arg mem) || mem=128
 export RVIRT_SOCKET=/run/rvirt/rvirtd.sock
 STATE=/var/lib/rvirt
 RUN=/run/rvirt
+. /scenarios/daemon-lib.sh
 # The guest stays up, printing RVIRT-TICK N every second, until the power button or destroy.
 TICKING="rvirt.sleep=900 rvirt.tick=1"
 
 # ---- helpers -------------------------------------------------------------------------------
-
-# start_daemon — runs rvirtd in the background (its pid in $DAEMON) and waits until it answers.
-start_daemon() {
-  rvirtd --socket "$RVIRT_SOCKET" --state-dir "$STATE" --run-dir "$RUN" >>/tmp/rvirtd.log 2>&1 &
-  DAEMON=$!
-  n=0
-  while [ $n -lt 100 ]; do
-    rvirt list --all >/dev/null 2>&1 && return 0
-    sleep 0.1
-    n=$((n + 1))
-  done
-  return 1
-}
 
 # domain_xml NAME INITRD CMDLINE-EXTRA — a libvirt domain XML file /tmp/NAME.xml with a raw
 # virtio disk /tmp/NAME.img (the guest checks it starts with NAME) and a pty serial console.
@@ -64,80 +52,6 @@ domain_xml() {
   </devices>
 </domain>
 EOF
-}
-
-# console_on NAME — `rvirt console NAME` in the background, appending to /tmp/NAME.con. Its
-# input is a FIFO nobody writes to (end of input would end the session).
-console_on() {
-  [ -p /tmp/console.in ] || mkfifo /tmp/console.in
-  rvirt console "$1" <>/tmp/console.in >>"/tmp/$1.con" 2>&1 &
-  eval "CONSOLE_$1=$!"
-}
-
-# console_off NAME — ends the background console of NAME (if still attached).
-console_off() {
-  eval "p=\$CONSOLE_$1"
-  [ -n "$p" ] && kill "$p" 2>/dev/null
-  eval "CONSOLE_$1="
-}
-
-# wait_console NAME PATTERN SECS — true once /tmp/NAME.con has a line matching PATTERN.
-wait_console() {
-  n=0
-  while [ $n -lt $(($3 * 10)) ]; do
-    grep -q "$2" "/tmp/$1.con" 2>/dev/null && return 0
-    sleep 0.1
-    n=$((n + 1))
-  done
-  return 1
-}
-
-ticks() { grep -c '^RVIRT-TICK' "/tmp/$1.con" 2>/dev/null; }
-
-# state NAME — `rvirt domstate NAME --reason`, e.g. "running (booted)".
-state() { rvirt domstate "$1" --reason 2>&1 | head -n 1; }
-
-# wait_state NAME WANT SECS — true once NAME's state with reason is WANT.
-wait_state() {
-  n=0
-  while [ $n -lt $(($3 * 10)) ]; do
-    [ "$(state "$1")" = "$2" ] && return 0
-    sleep 0.1
-    n=$((n + 1))
-  done
-  return 1
-}
-
-# expect_state TEST NAME WANT SECS — a result line for NAME reaching state WANT.
-expect_state() {
-  if wait_state "$2" "$3" "$4"; then
-    pass "$1" "$2: $3"
-  else
-    fail "$1" "$2 is '$(state "$2")', want '$3' within $4 s"
-  fi
-}
-
-# field NAME KEY — a number from `rvirt dominfo NAME --json` ("pid", "id").
-field() { rvirt dominfo "$1" --json 2>/dev/null | tr -d ' \n' | sed -n "s/.*\"$2\":\([0-9][0-9]*\).*/\1/p"; }
-
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# run CMD... — runs an rvirt command, printing it and its output (tagged) for the log.
-run() {
-  out=$("$@" 2>&1)
-  rc=$?
-  echo "$out" | while IFS= read -r l; do echo "\$ $*| $l"; done
-  return $rc
-}
-
-dump_logs() {
-  sed 's/^/rvirtd| /' /tmp/rvirtd.log
-  for f in "$STATE"/log/*.log; do
-    [ -f "$f" ] && sed "s/^/$(basename "$f" .log).log| /" "$f"
-  done
-  for f in /tmp/*.con; do
-    [ -f "$f" ] && tr -d '\r' <"$f" | grep -v '^RVIRT-TICK' | sed "s/^/$(basename "$f" .con).con| /"
-  done
 }
 
 # ---- daemon and definition -------------------------------------------------------------------

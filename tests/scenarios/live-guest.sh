@@ -12,7 +12,7 @@
 #        net <ifc> gone | alloc <MiB> | free | spin <cpu> <ticks>
 # Guest memory is not the initramfs: /init runs from rootfs, so a tmpfs is mounted for `alloc`.
 
-mkdir -p /mnt/fill && mount -t tmpfs -o size=90% tmpfs /mnt/fill
+mkdir -p /etc /mnt/fill && mount -t tmpfs -o size=90% tmpfs /mnt/fill
 
 live() { echo "RVIRT-LIVE $*"; }
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use rvirt_tests::{Scenario, TestHost};
+use rvirt_tests::{workspace_root, Scenario, TestHost};
 
 /// Every result the scenario reports, by name.
 const RESULTS: &[&str] = &[
@@ -64,6 +64,10 @@ fn daemon_lifecycle_with_real_vmms() {
         .bin("rvirtd")
         .bin("rvirt")
         .bin("rvirt-vmm")
+        .with_file(
+            workspace_root().join("tests/scenarios/daemon-lib.sh"),
+            "/scenarios/daemon-lib.sh",
+        )
         .arg("mem", "128")
         .timeout(Duration::from_secs(900));
     let out = TestHost::run(&scenario).expect("test host run");
