@@ -14,51 +14,14 @@ export RVIRT_SOCKET=/run/rvirt/rvirtd.sock
 STATE=/var/lib/rvirt
 RUN=/run/rvirt
 . /scenarios/daemon-lib.sh
+. /scenarios/live-lib.sh
 
-# domain NAME BALLOON-ATTRS — /tmp/NAME.xml: `mem` MiB, one vCPU of two, the live test script,
-# a virtio balloon with statistics every 2 s.
-domain() {
-  cat >"/tmp/$1.xml" <<EOF
-<domain type='kvm'>
-  <name>$1</name>
-  <memory unit='MiB'>$mem</memory>
-  <currentMemory unit='MiB'>$mem</currentMemory>
-  <vcpu placement='static' current='1'>2</vcpu>
-  <os>
-    <type arch='x86_64'>hvm</type>
-    <kernel>$GUEST_VMLINUX</kernel>
-    <initrd>$LIVE_INITRD</initrd>
-    <cmdline>$GUEST_CMDLINE rvirt.sleep=900 rvirt.hostname=$1</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <devices>
-    <memballoon model='virtio' $2><stats period='2'/></memballoon>
-    <serial type='pty'><target port='0'/></serial>
-  </devices>
-</domain>
-EOF
-}
+# domain NAME BALLOON-ATTRS — /tmp/NAME.xml (see live_domain_xml).
+domain() { live_domain_xml "$1" "$mem" "$2"; }
 
 # say NAME TEXT — types TEXT on NAME's serial console (the background `rvirt console`).
 say() { echo "$2" >/tmp/console.in; }
 
-# live_value NAME WHAT — the last value of "RVIRT-LIVE WHAT <value>" on NAME's console.
-live_value() { tr -d '\r' <"/tmp/$1.con" | sed -n "s/^RVIRT-LIVE $2 //p" | tail -n 1; }
-
-# wait_live NAME WHAT TEST SECS — waits until the last "RVIRT-LIVE WHAT v" satisfies TEST
-# (a shell test on $v, e.g. '[ "$v" -lt 1000 ]').
-wait_live() {
-  n=0
-  while [ $n -lt $(($4 * 10)) ]; do
-    v=$(live_value "$1" "$2")
-    [ -n "$v" ] && eval "$3" && return 0
-    sleep 0.1
-    n=$((n + 1))
-  done
-  return 1
-}
-
-rss_kb() { sed -n 's/^VmRSS: *\([0-9]*\) kB/\1/p' "/proc/$1/status"; }
 balloon_mib() { rvirt qemu-monitor-command "$1" --hmp --cmd 'info balloon' 2>&1 | sed -n 's/^balloon: actual=\([0-9]*\)$/\1/p'; }
 
 wait_balloon() {

@@ -36,7 +36,10 @@ dhcp_on() {
   fi
 }
 
-# Commands from the serial console (the host side types them through `rvirt console`).
+# Commands from the serial console (the host side types them through `rvirt console`). The
+# reader needs the console as its stdin explicitly: a non-interactive shell gives a background
+# list /dev/null instead. No echo, so typed commands do not interleave with RVIRT-LIVE lines.
+stty -echo </dev/console 2>/dev/null
 (
   while read -r tag cmd a1; do
     [ "$tag" = RVIRT-CMD ] || continue
@@ -45,12 +48,12 @@ dhcp_on() {
       free) rm -f /mnt/fill/x; live free ;;
       spin)
         before=$(cpu_ticks "$a1")
-        taskset -c "$a1" sh -c 'i=0; while [ $i -lt 200000 ]; do i=$((i + 1)); done'
+        taskset -c "$a1" sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i + 1)); done'
         live spin "$a1" $(($(cpu_ticks "$a1") - before))
         ;;
     esac
   done
-) &
+) </dev/console &
 
 (
   write_udhcpc_script
@@ -83,7 +86,7 @@ dhcp_on() {
       case " $now_net " in *" $n "*) ;; *) live net "$n" gone ;; esac
     done
     known_net=$now_net
-    sleep 0.5
+    sleep 0.2
   done
 ) &
 pass live "reporting"

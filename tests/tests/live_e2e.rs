@@ -49,7 +49,6 @@ const RESULTS: &[&str] = &[
 ];
 
 #[test]
-#[ignore = "first run: balloon inflate/deflate, setvcpus add/remove, attach/detach-interface with DHCP, disk lock passed; the guest script still misreads console commands (alloc/spin) and names the hot disk vda (no boot disk): fix live-guest.sh, then enable"]
 fn balloon_vcpu_disk_and_nic_changes_on_a_running_guest() {
     if let Some(why) = TestHost::unavailable() {
         eprintln!("skipped: {why}");
@@ -62,6 +61,7 @@ fn balloon_vcpu_disk_and_nic_changes_on_a_running_guest() {
         .bin("rvirt-vmm")
         .bin("rvirt-img")
         .with_file(lib.join("daemon-lib.sh"), "/scenarios/daemon-lib.sh")
+        .with_file(lib.join("live-lib.sh"), "/scenarios/live-lib.sh")
         .with_file(lib.join("live-guest.sh"), "/scenarios/live-guest.sh")
         .arg("mem", "384")
         .timeout(Duration::from_secs(900));

@@ -38,31 +38,62 @@ fn start_with(img: rvirt_testkit::GuestImage, cpus: &str, extra: &[&str]) -> Opt
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let child = Command::new(VMM)
-        .arg("--kernel")
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--kernel")
         .arg(img.path())
         .args([
             "--memory", "64M", "--cpus", cpus, "--name", "t1", "--serial", "none",
         ])
         .arg("--api-socket")
         .arg(&sock)
-        .args(extra)
+        .args(extra);
+    Some(spawn(cmd, dir, sock, img))
+}
+
+/// Runs rvirt-vmm with `--config` (what rvirtd does) on `cfg`, a VmConfig in JSON whose
+/// `api_socket` is `dir`/api.sock.
+fn start_config(
+    img: rvirt_testkit::GuestImage,
+    dir: tempfile::TempDir,
+    cfg: serde_json::Value,
+) -> Vm {
+    let sock = dir.path().join("api.sock");
+    assert_eq!(cfg["api_socket"].as_str(), sock.to_str(), "api_socket");
+    let cfg_path = dir.path().join("vmm-config.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--config").arg(&cfg_path);
+    spawn(cmd, dir, sock, img)
+}
+
+/// Starts `cmd` (stderr kept in `dir` for a failing test's log) and waits for its control socket.
+fn spawn(
+    mut cmd: Command,
+    dir: tempfile::TempDir,
+    sock: std::path::PathBuf,
+    img: rvirt_testkit::GuestImage,
+) -> Vm {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some(Vm {
+    let mut vm = Vm {
         child,
         sock,
         _dir: dir,
         _img: img,
-    })
+    };
+    let t = Instant::now();
+    while UnixStream::connect(&vm.sock).is_err() {
+        if let Some(st) = vm.child.try_wait().unwrap() {
+            panic!("VMM exited with {st}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm
 }
 
 struct Conn {
@@ -293,27 +324,7 @@ fn config_file_pins_vcpus_and_the_emulator_threads() {
         "emulator_affinity": [1],
         "vcpu_affinity": [{"vcpu": 0, "cpus": [0]}, {"vcpu": 1, "cpus": [1]}],
     });
-    let cfg_path = dir.path().join("vm.json");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let child = Command::new(VMM)
-        .arg("--config")
-        .arg(&cfg_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm {
-        child,
-        sock: sock.clone(),
-        _dir: dir,
-        _img: img,
-    };
-    let t = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut vm = start_config(img, dir, cfg);
     let pid = vm.child.id();
     let mut c = Conn::new(&vm);
     let vcpus = match c.call(Request::VcpuInfo) {
@@ -544,30 +555,7 @@ fn config_file_front_end_runs_a_vm() {
         "serial": {"kind": "none"},
         "api_socket": sock,
     });
-    let cfg_path = dir.path().join("vmm-config.json");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let child = Command::new(VMM)
-        .arg("--config")
-        .arg(&cfg_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm {
-        child,
-        sock: sock.clone(),
-        _dir: dir,
-        _img: img,
-    };
-    let t = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        if let Some(st) = vm.child.try_wait().unwrap() {
-            panic!("VMM exited with {st}");
-        }
-        assert!(t.elapsed() < Duration::from_secs(15), "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut vm = start_config(img, dir, cfg);
     let mut c = Conn::new(&vm);
     match c.call(Request::Info) {
         Response::Info {
