@@ -303,6 +303,24 @@ pub fn pci_probe() -> Result<GuestImage, Error> {
     GuestImage::from_bytes(&pvh_elf(&code))
 }
 
+/// Writes the boot-timer port (0x440) `writes` times in a tight loop, prints "flooded\n" and
+/// powers off: a guest that would fill the VMM's log if the port's line were not rate-limited.
+pub fn boot_port_flood(writes: u32) -> Result<GuestImage, Error> {
+    let code = assemble(|a, d| {
+        let msg = d.str("flooded\n");
+        let mut again = a.create_label();
+        a.mov(ecx, writes)?;
+        a.mov(dx, 0x440u32)?;
+        a.set_label(&mut again)?;
+        a.out(dx, al)?;
+        a.dec(ecx)?;
+        a.jnz(again)?;
+        print(a, msg)?;
+        poweroff(a)
+    })?;
+    GuestImage::from_bytes(&pvh_elf(&code))
+}
+
 /// Prints "ready\n", then halts with interrupts off forever (for control-socket tests).
 pub fn idle() -> Result<GuestImage, Error> {
     let code = assemble(|a, d| {

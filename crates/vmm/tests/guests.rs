@@ -61,6 +61,68 @@ fn serial_hello_powers_off_with_exit_0() {
     assert!(se.contains("boot-timer: "), "{se}");
 }
 
+/// The guest owns the boot-timer port: writing it in a loop must not fill the domain log (one
+/// line a second at most, the rest counted).
+#[test]
+fn boot_port_flood_is_rate_limited() {
+    if skip() {
+        return;
+    }
+    let writes = 20_000;
+    let img = rvirt_testkit::boot_port_flood(writes).unwrap();
+    let t = std::time::Instant::now();
+    let out = boot(&img, &[]);
+    let secs = t.elapsed().as_secs();
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout {so:?} stderr {se:?}");
+    assert_eq!(so, "flooded\n");
+    let lines = se.lines().filter(|l| l.starts_with("boot-timer: ")).count();
+    assert!(lines >= 1, "{se}");
+    assert!(
+        lines as u64 <= secs + 2,
+        "{lines} boot-timer lines in {secs} s for {writes} writes:\n{se}"
+    );
+}
+
+/// rvirt-vmm's `log` records reach stderr (which rvirtd appends to the domain log), at the
+/// level RVIRT_LOG names; an unknown level is said so, not ignored.
+#[test]
+fn log_records_reach_stderr_at_the_rvirt_log_level() {
+    if skip() {
+        return;
+    }
+    let img = rvirt_testkit::serial_hello().unwrap();
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--kernel")
+        .arg(img.path())
+        .args(["--memory", "64M", "--serial", "stdio"])
+        .env("RVIRT_LOG", "debug")
+        .stdin(std::process::Stdio::null());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{se}");
+    assert!(
+        se.contains("rvirt-vmm: debug: rvirt_vmm::vstate::vm: guest RAM: "),
+        "{se}"
+    );
+
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--kernel")
+        .arg(img.path())
+        .args(["--memory", "64M", "--serial", "stdio"])
+        .env("RVIRT_LOG", "loud")
+        .stdin(std::process::Stdio::null());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{se}");
+    assert!(se.contains("rvirt-vmm: warn: "), "{se}");
+    assert!(se.contains("RVIRT_LOG=\"loud\" is not a level"), "{se}");
+    assert!(
+        !se.contains("guest RAM: "),
+        "debug lines at the default level: {se}"
+    );
+}
+
 #[test]
 fn serial_hello_with_two_vcpus_and_1g() {
     if skip() {
