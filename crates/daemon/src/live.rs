@@ -11,7 +11,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::manager::{Manager, Run, Slot, SlotState};
 use crate::vmm_client::{self, VmmClientError};
-use crate::xml::domain::{read_disk, read_interface, validate_mac, InterfaceSource};
+use crate::xml::domain::{read_disk, read_interface, validate_mac, DomainDef, InterfaceSource};
 use crate::xml::tree::{Element, Node};
 use crate::xml::Domain;
 use rvirt_api::rest::*;
@@ -575,6 +575,7 @@ impl Manager {
             return self.save_config(&slot, |d| set_vcpu_max(d, count));
         }
         if config {
+            refuse_fixed_vcpus(&name, &slot.lock().config.def, count)?;
             let max = slot.lock().config.def.vcpus;
             if count > max {
                 return Err(ApiError::invalid_arg(format!(
@@ -591,6 +592,7 @@ impl Manager {
                 )));
             }
             let cur = dom.def.vcpus_current;
+            refuse_fixed_vcpus(&name, &dom.def, count)?;
             if count != cur {
                 let mut events = slot.events.subscribe();
                 let mut stopped = slot.stopped.subscribe();
@@ -1359,6 +1361,53 @@ fn replace_or_insert(d: &mut Domain, el: Element, after: &[&str]) {
     }
 }
 
+/// A vCPU that `<vcpus><vcpu id='N' hotpluggable='no'/>` keeps online stops a count below it.
+fn refuse_fixed_vcpus(name: &str, def: &DomainDef, count: u32) -> ApiResult<()> {
+    match def.vcpus_fixed.iter().find(|&&id| id >= count) {
+        Some(id) => Err(ApiError::invalid_arg(format!(
+            "vCPU {id} of domain '{name}' is not hotpluggable (<vcpus><vcpu id='{id}' hotpluggable='no'/>), so the count cannot go below {}; change the definition with --config and restart",
+            id + 1
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Keeps `<vcpus>` (when the definition has it) in step with `<vcpu>`: one entry per possible
+/// vCPU, the first `current` enabled (in order), the rest disabled and hotpluggable.
+fn sync_vcpus_list(d: &mut Domain) {
+    let (max, cur) = (d.def.vcpus, d.def.vcpus_current);
+    let Some(list) = d.tree.child_mut("vcpus") else {
+        return;
+    };
+    let id_of = |e: &Element| e.attr("id").and_then(|v| v.parse::<u32>().ok());
+    list.children.retain(|n| match n {
+        Node::Element(e) if e.name == "vcpu" => id_of(e).is_some_and(|id| id < max),
+        _ => true,
+    });
+    for id in 0..max {
+        if !list
+            .elements()
+            .any(|e| e.name == "vcpu" && id_of(e) == Some(id))
+        {
+            let mut e = Element::new("vcpu");
+            e.set_attr("id", &id.to_string());
+            list.children.push(Node::Element(e));
+        }
+    }
+    for e in list.elements_mut().filter(|e| e.name == "vcpu") {
+        let Some(id) = id_of(e) else { continue };
+        let on = id < cur;
+        e.set_attr("enabled", if on { "yes" } else { "no" });
+        if e.attr("hotpluggable").is_none() || !on {
+            e.set_attr("hotpluggable", if id == 0 { "no" } else { "yes" });
+        }
+        e.attrs.retain(|(k, _)| k != "order");
+        if on {
+            e.set_attr("order", &(id + 1).to_string());
+        }
+    }
+}
+
 /// `<vcpu current='N'>` (the attribute is dropped when N is the maximum, as libvirt writes it).
 fn set_vcpu_current(d: &mut Domain, n: u32) {
     let max = d.def.vcpus;
@@ -1372,6 +1421,7 @@ fn set_vcpu_current(d: &mut Domain, n: u32) {
         el.set_attr("current", &n.to_string());
     }
     d.def.vcpus_current = n.min(max);
+    sync_vcpus_list(d);
 }
 
 /// `<vcpu>MAX</vcpu>`; the current count and pinning beyond it are cut to the new maximum.
@@ -1395,6 +1445,8 @@ fn set_vcpu_max(d: &mut Domain, max: u32) {
     }
     d.def.vcpus = max;
     d.def.vcpus_current = cur;
+    d.def.vcpus_fixed.retain(|&id| id < max);
+    sync_vcpus_list(d);
 }
 
 #[cfg(test)]
@@ -1417,6 +1469,59 @@ mod tests {
             Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
         );
         assert_eq!(parse_mac("52:54:00"), None);
+    }
+
+    /// setvcpus keeps libvirt's `<vcpus>` list in step and refuses to unplug a vCPU the list
+    /// marks hotpluggable='no'.
+    #[test]
+    fn vcpus_list_follows_the_count() {
+        let mut d = Domain::parse(
+            "<domain type='kvm'><name>a</name><memory unit='MiB'>512</memory><vcpu current='2'>3</vcpu><vcpus><vcpu id='0' enabled='yes' hotpluggable='no' order='1'/><vcpu id='1' enabled='yes' hotpluggable='yes' order='2'/><vcpu id='2' enabled='no' hotpluggable='yes'/></vcpus><os><type>hvm</type></os></domain>",
+        )
+        .unwrap();
+        set_vcpu_current(&mut d, 3);
+        d.reparse().unwrap();
+        assert_eq!(d.def.vcpus_current, 3);
+        assert!(
+            d.to_xml()
+                .contains("<vcpu id='2' enabled='yes' hotpluggable='yes' order='3'/>"),
+            "{}",
+            d.to_xml()
+        );
+        set_vcpu_current(&mut d, 1);
+        d.reparse().unwrap();
+        assert!(
+            d.to_xml()
+                .contains("<vcpu id='1' enabled='no' hotpluggable='yes'/>"),
+            "{}",
+            d.to_xml()
+        );
+        set_vcpu_max(&mut d, 4);
+        d.reparse().unwrap();
+        assert_eq!((d.def.vcpus, d.def.vcpus_current), (4, 1));
+        assert!(
+            d.to_xml()
+                .contains("<vcpu id='3' enabled='no' hotpluggable='yes'/>"),
+            "{}",
+            d.to_xml()
+        );
+        set_vcpu_max(&mut d, 2);
+        d.reparse().unwrap();
+        assert!(!d.to_xml().contains("id='2'"), "{}", d.to_xml());
+
+        let fixed = Domain::parse(
+            "<domain type='kvm'><name>a</name><memory unit='MiB'>512</memory><vcpu>3</vcpu><vcpus><vcpu id='0'/><vcpu id='1' hotpluggable='no'/><vcpu id='2'/></vcpus><os><type>hvm</type></os></domain>",
+        )
+        .unwrap();
+        assert!(refuse_fixed_vcpus("a", &fixed.def, 2).is_ok());
+        let err = refuse_fixed_vcpus("a", &fixed.def, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vCPU 1 of domain 'a' is not hotpluggable")
+                && err.contains("cannot go below 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub struct DomainDef {
     pub current_memory_kib: u64,
     pub vcpus: u32,
     pub vcpus_current: u32,
+    /// vCPUs `<vcpus><vcpu id='N' hotpluggable='no'/>` keeps online: setvcpus --live cannot
+    /// unplug them (vCPU 0 never is hotpluggable and is not listed here).
+    pub vcpus_fixed: Vec<u32>,
     pub vcpu_placement: String,
     pub vcpu_cpuset: Option<CpuSet>,
     pub os_type: String,
@@ -521,6 +524,16 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
         }
         None => (1, 1, "static".to_string(), None),
     };
+    let (vcpus_current, vcpus_fixed) = match root.child("vcpus") {
+        Some(el) => read_vcpus(
+            el,
+            vcpus,
+            root.child("vcpu")
+                .and_then(|v| v.attr("current"))
+                .map(|_| vcpus_current),
+        )?,
+        None => (vcpus_current, Vec::new()),
+    };
     let os = root
         .child("os")
         .ok_or_else(|| invalid(root, "<domain> has no <os>"))?;
@@ -622,6 +635,7 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
         current_memory_kib,
         vcpus,
         vcpus_current,
+        vcpus_fixed,
         vcpu_placement,
         vcpu_cpuset,
         os_type,
@@ -661,6 +675,96 @@ fn read_domain(root: &Element) -> Result<DomainDef, DomainXmlError> {
         balloon_stats_period: extras.balloon_stats_period,
         rng: extras.rng,
     })
+}
+
+/// `<vcpus>`: one `<vcpu id enabled hotpluggable order/>` per possible vCPU, as libvirt writes
+/// them. rvirt-vmm boots vCPUs 0..current-1 and hot-adds the next ids in turn, so the enabled
+/// ones must be the first ids and `order`, when given, must follow the ids. Returns the current
+/// count (the enabled ones; it must agree with `<vcpu current>` when that is given) and the
+/// enabled vCPUs that are not hotpluggable.
+fn read_vcpus(
+    el: &Element,
+    max: u32,
+    current: Option<u32>,
+) -> Result<(u32, Vec<u32>), DomainXmlError> {
+    let mut seen = vec![false; max as usize];
+    let mut enabled = Vec::new();
+    let mut fixed = Vec::new();
+    for v in el.children_named("vcpu") {
+        let id: u32 = number(
+            v,
+            "id",
+            v.attr("id")
+                .ok_or_else(|| invalid(v, "<vcpus><vcpu> needs an id"))?,
+        )?;
+        if id >= max {
+            return Err(invalid(
+                v,
+                format!(
+                    "<vcpus><vcpu id='{id}'>: the domain has vCPUs 0-{} (<vcpu>{max}</vcpu>)",
+                    max - 1
+                ),
+            ));
+        }
+        if std::mem::replace(&mut seen[id as usize], true) {
+            return Err(invalid(
+                v,
+                format!("<vcpus><vcpu id='{id}'> is listed twice"),
+            ));
+        }
+        let yes_no = |attr: &str, default: bool| match v.attr(attr) {
+            None => Ok(default),
+            Some("yes") => Ok(true),
+            Some("no") => Ok(false),
+            Some(o) => Err(invalid(
+                v,
+                format!("<vcpus><vcpu id='{id}' {attr}='{o}'>: use yes or no"),
+            )),
+        };
+        let on = yes_no("enabled", true)?;
+        let hotpluggable = yes_no("hotpluggable", id != 0)?;
+        if id == 0 && (!on || hotpluggable) {
+            return Err(invalid(v, "<vcpus><vcpu id='0'> must be enabled='yes' hotpluggable='no': the boot vCPU cannot be unplugged"));
+        }
+        if !on && !hotpluggable {
+            return Err(invalid(v, format!("<vcpus><vcpu id='{id}'> is both disabled and not hotpluggable, so it could never run; make it hotpluggable='yes' or enabled='yes'")));
+        }
+        if let Some(o) = v.attr("order") {
+            let o: u32 = number(v, "order", o)?;
+            if o != id + 1 {
+                return Err(unsupported(v, format!("<vcpus><vcpu id='{id}' order='{o}'>: rvirt brings vCPUs online in id order (order='{}'); drop order= or use that", id + 1)));
+            }
+        }
+        if on {
+            enabled.push(id);
+            if !hotpluggable && id != 0 {
+                fixed.push(id);
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(invalid(
+            el,
+            format!(
+                "<vcpus> does not list vCPU {missing}; list every vCPU 0-{} of <vcpu>{max}</vcpu>",
+                max - 1
+            ),
+        ));
+    }
+    enabled.sort_unstable();
+    let n = enabled.len() as u32;
+    if enabled.iter().enumerate().any(|(i, &id)| id != i as u32) {
+        return Err(unsupported(el, format!("<vcpus>: enabled vCPUs {enabled:?} are not the first {n} ids; rvirt boots vCPUs 0-{} and hot-adds the next ids in turn", n.saturating_sub(1))));
+    }
+    if let Some(c) = current {
+        if c != n {
+            return Err(invalid(
+                el,
+                format!("<vcpu current='{c}'> does not match the {n} enabled vCPUs in <vcpus>"),
+            ));
+        }
+    }
+    Ok((n, fixed))
 }
 
 /// Settings that are read and kept but that rvirt-vmm cannot apply: said once at define time,
@@ -1125,6 +1229,74 @@ mod tests {
         assert!(validate_mac("52:54:00:ab:CD:01"));
         assert!(!validate_mac("53:54:00:ab:cd:01"), "multicast bit");
         assert!(!validate_mac("52:54:00:ab:cd"));
+    }
+
+    /// libvirt's `<vcpus>` list: the enabled vCPUs give the current count, hotpluggable='no'
+    /// keeps one online; what rvirt cannot do (gaps, reordering) is refused with the fix.
+    #[test]
+    fn vcpus_list_is_honoured_or_refused() {
+        let v = |list: &str, current: &str| {
+            dom(
+                "",
+                &format!("<vcpu placement='static'{current}>3</vcpu><vcpus>{list}</vcpus>"),
+            )
+            .map(|d| (d.def.vcpus, d.def.vcpus_current, d.def.vcpus_fixed))
+            .map_err(|e| e.to_string())
+        };
+        let ok = "<vcpu id='0' enabled='yes' hotpluggable='no' order='1'/>\
+                  <vcpu id='1' enabled='yes' hotpluggable='no' order='2'/>\
+                  <vcpu id='2' enabled='no' hotpluggable='yes'/>";
+        assert_eq!(v(ok, ""), Ok((3, 2, vec![1])));
+        assert_eq!(v(ok, " current='2'"), Ok((3, 2, vec![1])));
+        let err = v(ok, " current='1'").unwrap_err();
+        assert!(
+            err.contains("current='1'> does not match the 2 enabled"),
+            "{err}"
+        );
+        let gap = "<vcpu id='0'/><vcpu id='1' enabled='no'/><vcpu id='2'/>";
+        let err = v(gap, "").unwrap_err();
+        assert!(
+            err.contains("unsupported") && err.contains("not the first 2 ids"),
+            "{err}"
+        );
+        let err = v("<vcpu id='0'/><vcpu id='1'/>", "").unwrap_err();
+        assert!(err.contains("does not list vCPU 2"), "{err}");
+        let err = v("<vcpu id='0'/><vcpu id='1'/><vcpu id='1'/>", "").unwrap_err();
+        assert!(err.contains("id='1'> is listed twice"), "{err}");
+        let err = v(
+            "<vcpu id='0' hotpluggable='yes'/><vcpu id='1'/><vcpu id='2'/>",
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("id='0'> must be enabled='yes' hotpluggable='no'"),
+            "{err}"
+        );
+        let err = v(
+            "<vcpu id='0'/><vcpu id='1'/><vcpu id='2' enabled='no' hotpluggable='no'/>",
+            "",
+        )
+        .unwrap_err();
+        assert!(err.contains("both disabled and not hotpluggable"), "{err}");
+        let err = v(
+            "<vcpu id='0'/><vcpu id='1' order='3'/><vcpu id='2' order='2'/>",
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("order='3'>: rvirt brings vCPUs online in id order"),
+            "{err}"
+        );
+        let err = v("<vcpu id='0'/><vcpu id='1'/><vcpu id='5'/>", "").unwrap_err();
+        assert!(err.contains("id='5'>: the domain has vCPUs 0-2"), "{err}");
+        // Listed out of order is fine.
+        assert_eq!(
+            v(
+                "<vcpu id='2' enabled='no'/><vcpu id='0'/><vcpu id='1'/>",
+                ""
+            ),
+            Ok((3, 2, vec![]))
+        );
     }
 
     fn dom(devices: &str, extra: &str) -> Result<Domain, DomainXmlError> {
