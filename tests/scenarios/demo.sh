@@ -61,7 +61,10 @@ show_console() {
   [ -f "$con" ] || return 0
   n=$(wc -l <"$con")
   [ "$n" -gt "$shown" ] || return 0
-  sed -n "$((shown + 1)),${n}p" "$con" | while IFS= read -r l; do echo "console| ${l%"$cr"}"; done
+  sed -n "$((shown + 1)),${n}p" "$con" | while IFS= read -r l; do
+    l=${l%"$cr"}
+    [ -n "$l" ] && echo "console| $l"
+  done
   shown=$n
 }
 
@@ -79,8 +82,11 @@ watch_console() {
   return 1
 }
 
-# live_value WHAT — the last "RVIRT-LIVE WHAT <value>" of the guest (live-guest.sh).
-live_value() { tr -d '\r' <"$con" | sed -n "s/^RVIRT-LIVE $1 //p" | tail -n 1; }
+# live_value WHAT — the last "RVIRT-LIVE WHAT <value>" of the guest (live-guest.sh), from whole
+# lines only: the console's last line may still be arriving ("RVIRT-LIVE mem 4" of 415016).
+live_value() {
+  head -n "$(wc -l <"$con")" "$con" | tr -d '\r' | sed -n "s/^RVIRT-LIVE $1 //p" | tail -n 1
+}
 
 # watch_live WHAT TEST SECS — shows the console until the last "RVIRT-LIVE WHAT v" satisfies
 # TEST (a shell test on $v).
@@ -185,7 +191,7 @@ boot_secs=${DEMO_BOOT_SECS:-240}
 if watch_console '^RVIRT-DONE' "$boot_secs"; then
   guest_fails=$(tr -d '\r' <"$con" | grep '^RVIRT-FAIL' | tr '\n' ' ')
   if [ -z "$guest_fails" ]; then
-    ok boot "the guest booted and its checks passed ($(tr -d '\r' <"$con" | sed -n 's/^RVIRT-PASS \([a-z]*\) .*/\1/p' | tr '\n' ' '))"
+    ok boot "the guest booted and its checks passed ($(tr -d '\r' <"$con" | sed -n 's/^RVIRT-PASS \([a-z]*\) .*/\1/p' | tr '\n' ' ' | sed 's/ $//'))"
   else
     bad boot "the guest's checks failed: $guest_fails"
   fi
