@@ -1,9 +1,11 @@
 # Helpers for scenarios that drive rvirtd and rvirt inside the test host (busybox sh), sourced
-# after /lib/rvirt/scenario.sh. They expect RVIRT_SOCKET, STATE and RUN to be set.
+# after /lib/rvirt/scenario.sh. They expect RVIRT_SOCKET, STATE and RUN to be set. Their files
+# (rvirtd.log, NAME.con, console.in) go to $RVIRT_TMP (default /tmp).
+RVIRT_TMP=${RVIRT_TMP:-/tmp}
 
 # start_daemon — runs rvirtd in the background (its pid in $DAEMON) and waits until it answers.
 start_daemon() {
-  rvirtd --socket "$RVIRT_SOCKET" --state-dir "$STATE" --run-dir "$RUN" >>/tmp/rvirtd.log 2>&1 &
+  rvirtd --socket "$RVIRT_SOCKET" --state-dir "$STATE" --run-dir "$RUN" >>"$RVIRT_TMP/rvirtd.log" 2>&1 &
   DAEMON=$!
   n=0
   while [ $n -lt 100 ]; do
@@ -14,11 +16,11 @@ start_daemon() {
   return 1
 }
 
-# console_on NAME — `rvirt console NAME` in the background, appending to /tmp/NAME.con. Its
+# console_on NAME — `rvirt console NAME` in the background, appending to $RVIRT_TMP/NAME.con. Its
 # input is a FIFO nobody writes to (end of input would end the session).
 console_on() {
-  [ -p /tmp/console.in ] || mkfifo /tmp/console.in
-  rvirt console "$1" <>/tmp/console.in >>"/tmp/$1.con" 2>&1 &
+  [ -p "$RVIRT_TMP/console.in" ] || mkfifo "$RVIRT_TMP/console.in"
+  rvirt console "$1" <>"$RVIRT_TMP/console.in" >>"$RVIRT_TMP/$1.con" 2>&1 &
   eval "CONSOLE_$1=$!"
 }
 
@@ -29,18 +31,18 @@ console_off() {
   eval "CONSOLE_$1="
 }
 
-# wait_console NAME PATTERN SECS — true once /tmp/NAME.con has a line matching PATTERN.
+# wait_console NAME PATTERN SECS — true once $RVIRT_TMP/NAME.con has a line matching PATTERN.
 wait_console() {
   n=0
   while [ $n -lt $(($3 * 10)) ]; do
-    grep -q "$2" "/tmp/$1.con" 2>/dev/null && return 0
+    grep -q "$2" "$RVIRT_TMP/$1.con" 2>/dev/null && return 0
     sleep 0.1
     n=$((n + 1))
   done
   return 1
 }
 
-ticks() { grep -c '^RVIRT-TICK' "/tmp/$1.con" 2>/dev/null; }
+ticks() { grep -c '^RVIRT-TICK' "$RVIRT_TMP/$1.con" 2>/dev/null; }
 
 # state NAME — `rvirt domstate NAME --reason`, e.g. "running (booted)".
 state() { rvirt domstate "$1" --reason 2>&1 | head -n 1; }
@@ -79,11 +81,11 @@ run() {
 }
 
 dump_logs() {
-  sed 's/^/rvirtd| /' /tmp/rvirtd.log
+  sed 's/^/rvirtd| /' "$RVIRT_TMP/rvirtd.log"
   for f in "$STATE"/log/*.log; do
     [ -f "$f" ] && sed "s/^/$(basename "$f" .log).log| /" "$f"
   done
-  for f in /tmp/*.con; do
+  for f in "$RVIRT_TMP"/*.con; do
     [ -f "$f" ] && tr -d '\r' <"$f" | grep -v '^RVIRT-TICK' | sed "s/^/$(basename "$f" .con).con| /"
   done
 }

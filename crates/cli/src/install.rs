@@ -13,9 +13,9 @@ pub struct InstallArgs {
     /// Memory in MiB (virt-install's unit).
     #[arg(long, default_value_t = 1024)]
     pub memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// vCPUs: N[,maxvcpus=M] (N running at boot, up to M with `setvcpus --live`).
+    #[arg(long, default_value = "1")]
+    pub vcpus: String,
     /// Disk: path=P[,size=GiB][,format=raw|qcow2][,bus=virtio][,readonly=on]; repeatable.
     /// A missing file with a size is created.
     #[arg(long)]
@@ -185,6 +185,37 @@ pub fn create_disk(plan: &DiskPlan) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create disk {}", plan.path.display()))
 }
 
+/// `--vcpus`: `N`, `vcpus=N`, `N,maxvcpus=M` as virt-install takes them. Returns (current,
+/// maximum); without maxvcpus= both are N, with only maxvcpus= both are M.
+pub fn parse_vcpus(spec: &str) -> anyhow::Result<(u32, u32)> {
+    let num = |k: &str, v: &str| -> anyhow::Result<u32> {
+        match v.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("--vcpus {k}'{v}' is not a vCPU count above zero"),
+        }
+    };
+    let mut current = None;
+    let mut max = None;
+    for (i, (k, v)) in parse_opts(spec)?.into_iter().enumerate() {
+        match k.as_str() {
+            "vcpus" => current = Some(num("vcpus=", &v)?),
+            "maxvcpus" => max = Some(num("maxvcpus=", &v)?),
+            n if i == 0 && v.is_empty() => current = Some(num("", n)?),
+            other => bail!("--vcpus: unknown option '{other}' (use N[,maxvcpus=M])"),
+        }
+    }
+    let (current, max) = match (current, max) {
+        (Some(c), Some(m)) => (c, m),
+        (Some(c), None) => (c, c),
+        (None, Some(m)) => (m, m),
+        (None, None) => bail!("--vcpus '{spec}' names no vCPU count"),
+    };
+    if current > max {
+        bail!("--vcpus {current} is more than maxvcpus={max}");
+    }
+    Ok((current, max))
+}
+
 /// The domain XML virt-install would write for these options (direct kernel boot).
 pub fn build_xml(args: &InstallArgs, disks: &[DiskPlan]) -> anyhow::Result<String> {
     let boot = args
@@ -214,10 +245,14 @@ pub fn build_xml(args: &InstallArgs, disks: &[DiskPlan]) -> anyhow::Result<Strin
         "  <currentMemory unit='MiB'>{}</currentMemory>\n",
         args.memory
     ));
-    x.push_str(&format!(
-        "  <vcpu placement='static'>{}</vcpu>\n",
-        args.vcpus
-    ));
+    let (current, max) = parse_vcpus(&args.vcpus)?;
+    if current == max {
+        x.push_str(&format!("  <vcpu placement='static'>{max}</vcpu>\n"));
+    } else {
+        x.push_str(&format!(
+            "  <vcpu placement='static' current='{current}'>{max}</vcpu>\n"
+        ));
+    }
     x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
     x.push_str(&format!("    <kernel>{}</kernel>\n", esc(&kernel)));
     if let Some(i) = initrd {
@@ -401,6 +436,29 @@ mod tests {
         assert_eq!(
             rvirt_image::probe(&disk).unwrap(),
             rvirt_image::Format::Qcow2
+        );
+    }
+
+    #[test]
+    fn vcpus_take_virt_install_maxvcpus() {
+        assert_eq!(parse_vcpus("2").unwrap(), (2, 2));
+        assert_eq!(parse_vcpus("1,maxvcpus=4").unwrap(), (1, 4));
+        assert_eq!(parse_vcpus("vcpus=2,maxvcpus=3").unwrap(), (2, 3));
+        assert_eq!(parse_vcpus("maxvcpus=3").unwrap(), (3, 3));
+        assert!(parse_vcpus("3,maxvcpus=2")
+            .unwrap_err()
+            .to_string()
+            .contains("maxvcpus=2"));
+        assert!(parse_vcpus("0").is_err());
+        assert!(parse_vcpus("2,sockets=1")
+            .unwrap_err()
+            .to_string()
+            .contains("'sockets'"));
+        let a = args(&["--vcpus", "1,maxvcpus=2", "--boot", "kernel=/k"]);
+        let xml = build_xml(&a, &[]).unwrap();
+        assert!(
+            xml.contains("<vcpu placement='static' current='1'>2</vcpu>"),
+            "{xml}"
         );
     }
 

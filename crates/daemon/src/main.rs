@@ -3,6 +3,7 @@
 use clap::Parser;
 use rvirtd::manager::Config;
 use rvirtd::server::{run, Options};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// rvirt's management daemon: persistent libvirt-XML domains, lifecycle and supervision of
@@ -54,6 +55,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: the log is usually a file (a service's journal, a test's
+        // log), where escape sequences are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let opts = Options {
         config: Config {

@@ -46,6 +46,17 @@ fn define_start_console_shutdown() {
 }
 
 #[test]
+fn daemon_log_to_a_file_has_no_colour_codes() {
+    let d = Daemon::start();
+    let log = d.daemon_log();
+    assert!(log.contains("rvirtd listening on"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "escape sequences in a log file: {log:?}"
+    );
+}
+
+#[test]
 fn console_shows_boot_marker_and_second_attach_needs_force() {
     let d = Daemon::start();
     d.define("c1", "");
