@@ -105,17 +105,7 @@ fn networks_through_the_cli_in_a_namespace() {
     );
 
     // A domain on the network: a TAP on the bridge while it runs, gone when it stops.
-    let dom = e.file(
-        "vm1.xml",
-        &format!(
-            "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-             <os><type>hvm</type><kernel>{k}</kernel></os><devices><disk type='file'>\
-             <source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
-             <interface type='network'><source network='t1'/></interface></devices></domain>",
-            k = e.dir.path().join("vmlinux").display(),
-            d = e.dir.path().join("disk.img").display()
-        ),
-    );
+    let dom = e.vm1_file("<interface type='network'><source network='t1'/></interface>");
     e.ok(&["define", &dom]);
     e.ok(&["start", "vm1"]);
     let tap = e.ip(&["link", "show", "master", "rvt1br"]);

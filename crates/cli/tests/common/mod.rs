@@ -175,6 +175,23 @@ impl Env {
         p.display().to_string()
     }
 
+    /// Writes `vm1.xml`: a 64 MiB domain with one vCPU, the fake kernel, disk vda and
+    /// `devices` (XML) after it; returns its path.
+    #[allow(dead_code)]
+    pub fn vm1_file(&self, devices: &str) -> String {
+        self.file(
+            "vm1.xml",
+            &format!(
+                "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+                 <os><type>hvm</type><kernel>{k}</kernel></os><devices><disk type='file'>\
+                 <source file='{d}'/><target dev='vda' bus='virtio'/></disk>{devices}\
+                 </devices></domain>",
+                k = self.path("vmlinux"),
+                d = self.path("disk.img"),
+            ),
+        )
+    }
+
     /// `rvirt` connected to the daemon, to add arguments to.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_rvirt"));
