@@ -3,78 +3,17 @@
 //! same target dir; `cargo test --workspace` builds them.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Env {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
+mod common;
 
-fn sibling(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_BIN_EXE_rvirt")).with_file_name(name);
-    p.exists().then_some(p)
-}
+use common::Env;
 
 impl Env {
     fn start() -> Option<Env> {
-        let (Some(rvirtd), Some(vmm)) = (sibling("rvirtd"), sibling("rvirt-fake-vmm")) else {
-            eprintln!("skipping: rvirtd and rvirt-fake-vmm are not built next to rvirt (run cargo test --workspace)");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vmlinux"), b"fake").unwrap();
-        std::fs::write(dir.path().join("disk.img"), vec![0u8; 4096]).unwrap();
-        let sock = dir.path().join("sock");
-        let daemon = Command::new(rvirtd)
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--vmm-binary")
-            .arg(vmm)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "rvirtd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Env { dir, daemon })
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_rvirt"));
-        c.arg("-c").arg(self.dir.path().join("sock"));
-        c.env_remove("RVIRT_SOCKET");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "rvirt {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "rvirt {args:?} should fail");
-        String::from_utf8(o.stderr).unwrap()
+        Env::launch(&[&["destroy", "vm1"], &["destroy", "inst"]], |_| {})
     }
 
     fn xml_file(&self, name: &str) -> PathBuf {
@@ -98,15 +37,6 @@ impl Env {
         let end = x.find("</interface>\n").unwrap() + "</interface>\n".len();
         std::fs::write(&p, format!("{}{}", &x[..start], &x[end..])).unwrap();
         p
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.run(&["destroy", "vm1"]);
-        let _ = self.run(&["destroy", "inst"]);
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 

@@ -3,89 +3,25 @@
 //! `rvirt-fake-vmm`, the stand-in VMM that simulates the balloon, vCPU hotplug and PCI hotplug
 //! without running a guest.
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use common::Env;
 use std::time::{Duration, Instant};
-
-struct Env {
-    dir: tempfile::TempDir,
-    daemon: Child,
-}
-
-fn sibling(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_BIN_EXE_rvirt")).with_file_name(name);
-    p.exists().then_some(p)
-}
 
 impl Env {
     /// `no_eject`: the fake guest never releases what it is asked to unplug.
     fn start(no_eject: bool) -> Option<Env> {
-        let (Some(rvirtd), Some(vmm)) = (sibling("rvirtd"), sibling("rvirt-fake-vmm")) else {
-            eprintln!("skipping: rvirtd and rvirt-fake-vmm are not built next to rvirt (run cargo test --workspace)");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vmlinux"), b"fake").unwrap();
-        for d in ["disk.img", "d2.img", "d3.img"] {
-            std::fs::write(dir.path().join(d), vec![0u8; 4096]).unwrap();
+        let e = Env::launch(&[&["destroy", "vm1"], &["destroy", "nob"]], |cmd| {
+            if no_eject {
+                cmd.env("RVIRT_FAKE_NO_EJECT", "1");
+            } else {
+                cmd.env_remove("RVIRT_FAKE_NO_EJECT");
+            }
+        })?;
+        for d in ["d2.img", "d3.img"] {
+            std::fs::write(e.dir.path().join(d), vec![0u8; 4096]).unwrap();
         }
-        let sock = dir.path().join("sock");
-        let mut cmd = Command::new(rvirtd);
-        cmd.arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--vmm-binary")
-            .arg(vmm)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if no_eject {
-            cmd.env("RVIRT_FAKE_NO_EJECT", "1");
-        } else {
-            cmd.env_remove("RVIRT_FAKE_NO_EJECT");
-        }
-        let daemon = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "rvirtd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Env { dir, daemon })
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.path().join(f).display().to_string()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rvirt"))
-            .arg("-c")
-            .arg(self.dir.path().join("sock"))
-            .env_remove("RVIRT_SOCKET")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "rvirt {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "rvirt {args:?} should fail");
-        String::from_utf8(o.stderr).unwrap()
+        Some(e)
     }
 
     /// Defines `name`: 512 MiB, vCPUs 2 of 4, disk vda, `balloon` = memballoon model.
@@ -101,28 +37,6 @@ impl Env {
         )
         .unwrap();
         self.ok(&["define", p.to_str().unwrap()]);
-    }
-
-    fn until(&self, args: &[&str], want: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = self.ok(args);
-            if want(&out) {
-                return out;
-            }
-            assert!(Instant::now() < deadline, "rvirt {args:?} gave {out}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for d in ["vm1", "nob"] {
-            let _ = self.run(&["destroy", d]);
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 
@@ -463,33 +377,23 @@ fn disk_hotplug_live_xml_stats_and_persistence() {
 fn interfaces_in_the_definition_and_refusals() {
     let Some(e) = Env::start(false) else { return };
     e.define("vm1", "virtio");
-    assert_eq!(
-        e.ok(&[
-            "attach-interface",
-            "vm1",
-            "bridge",
-            "br-none",
-            "--mac",
-            "52:54:00:aa:bb:cc",
-            "--config"
-        ]),
-        "Interface attached successfully\n\n"
-    );
+    let attach = [
+        "attach-interface",
+        "vm1",
+        "bridge",
+        "br-none",
+        "--mac",
+        "52:54:00:aa:bb:cc",
+        "--config",
+    ];
+    assert_eq!(e.ok(&attach), "Interface attached successfully\n\n");
     let l = e.ok(&["domiflist", "vm1"]);
     assert!(
         l.contains("bridge") && l.contains("52:54:00:aa:bb:cc"),
         "{l}"
     );
     assert!(e
-        .err(&[
-            "attach-interface",
-            "vm1",
-            "bridge",
-            "br-none",
-            "--mac",
-            "52:54:00:aa:bb:cc",
-            "--config"
-        ])
+        .err(&attach)
         .contains("MAC address 52:54:00:aa:bb:cc is already used"));
     assert!(e
         .err(&["attach-interface", "vm1", "direct", "eth0"])

@@ -3,210 +3,29 @@
 //! bridge made in the namespace, and goes away when the (fake) guest ejects the NIC. Skips with a
 //! reason without root, iproute2 or namespaces, or when rvirtd is not built next to rvirt.
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn sibling(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_BIN_EXE_rvirt")).with_file_name(name);
-    p.exists().then_some(p)
-}
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root for network namespaces".into());
-    }
-    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join("ip").exists());
-    if !found {
-        return Some("ip (iproute2) is not installed (scripts/install-deps installs it)".into());
-    }
-    if sibling("rvirtd").is_none() || sibling("rvirt-fake-vmm").is_none() {
-        return Some("rvirtd and rvirt-fake-vmm are not built next to rvirt".into());
-    }
-    let probe = format!("rvhp-probe-{}", std::process::id());
-    if !sh(&["ip", "netns", "add", &probe]).status.success() {
-        return Some("cannot create network namespaces".into());
-    }
-    let _ = sh(&["ip", "netns", "del", &probe]);
-    None
-}
-
-/// The namespace, the daemon in it and its files; dropping it kills everything in the
-/// namespace and deletes it, also when the test fails.
-struct Env {
-    ns: String,
-    dir: tempfile::TempDir,
-    daemon: Option<Child>,
-}
+use common::Env;
 
 impl Env {
-    fn start() -> Env {
-        let ns = format!("rvhp-{}", std::process::id());
-        let _ = sh(&["ip", "netns", "del", &ns]);
-        assert!(
-            sh(&["ip", "netns", "add", &ns]).status.success(),
-            "ip netns add {ns}"
-        );
-        let mut env = Env {
-            ns,
-            dir: tempfile::tempdir().unwrap(),
-            daemon: None,
-        };
-        env.ip(&["link", "set", "lo", "up"]);
-        env.ip(&["link", "add", "rvhb0", "type", "bridge"]);
-        env.ip(&["link", "set", "rvhb0", "up"]);
-        std::fs::write(env.dir.path().join("vmlinux"), b"fake").unwrap();
-        std::fs::write(env.dir.path().join("disk.img"), vec![0u8; 4096]).unwrap();
-        let sock = env.dir.path().join("sock");
-        let log = std::fs::File::create(env.dir.path().join("rvirtd.log")).unwrap();
-        let daemon = Command::new("ip")
-            .args(["netns", "exec", &env.ns])
-            .arg(sibling("rvirtd").unwrap())
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(env.dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(env.dir.path().join("run"))
-            .arg("--vmm-binary")
-            .arg(sibling("rvirt-fake-vmm").unwrap())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        env.daemon = Some(daemon);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "rvirtd did not start: {}",
-                env.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        env
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("rvirtd.log")).unwrap_or_default()
-    }
-
-    /// `ip -n <ns> ...`, which must succeed.
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.ns];
-        full.extend_from_slice(args);
-        let o = sh(&full);
-        assert!(
-            o.status.success(),
-            "{full:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn has_link(&self, name: &str) -> bool {
-        sh(&["ip", "-n", &self.ns, "link", "show", "dev", name])
-            .status
-            .success()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rvirt"))
-            .arg("-c")
-            .arg(self.dir.path().join("sock"))
-            .env_remove("RVIRT_SOCKET")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "rvirt {args:?}: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "rvirt {args:?} should fail");
-        String::from_utf8(o.stderr).unwrap()
+    fn start() -> Option<Env> {
+        Env::launch_in_netns("rvhp", &["ip"], &[&["destroy", "vm1"]], |env| {
+            env.ip(&["link", "add", "rvhb0", "type", "bridge"]);
+            env.ip(&["link", "set", "rvhb0", "up"]);
+        })
     }
 
     /// Waits until the live XML contains `want` (boot devices are annotated just after start).
     fn until_xml(&self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let x = self.ok(&["dumpxml", "vm1"]);
-            if x.contains(want) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{want} not in {x}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.run(&["destroy", "vm1"]);
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        let pids = String::from_utf8_lossy(&sh(&["ip", "netns", "pids", &self.ns]).stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .collect::<Vec<_>>();
-        for pid in pids {
-            // SAFETY: kill(2) on a process living in the namespace this test created.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = sh(&["ip", "netns", "del", &self.ns]);
+        self.until(&["dumpxml", "vm1"], |x| x.contains(want));
     }
 }
 
 #[test]
 fn nic_hotplug_creates_and_removes_the_tap() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    let e = Env::start();
-    let dom = e.file(
-        "vm1.xml",
-        &format!(
-            "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-             <os><type>hvm</type><kernel>{k}</kernel></os><devices><disk type='file'>\
-             <source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
-             <interface type='bridge'><source bridge='rvhb0'/><mac address='52:54:00:00:00:10'/></interface>\
-             </devices></domain>",
-            k = e.dir.path().join("vmlinux").display(),
-            d = e.dir.path().join("disk.img").display()
-        ),
+    let Some(e) = Env::start() else { return };
+    let dom = e.vm1_file(
+        "<interface type='bridge'><source bridge='rvhb0'/><mac address='52:54:00:00:00:10'/></interface>",
     );
     e.ok(&["define", &dom]);
     e.ok(&["start", "vm1"]);

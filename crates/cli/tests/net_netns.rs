@@ -4,185 +4,22 @@
 //! goes away when it stops. Skips with a reason without root, iproute2, nft, dnsmasq or
 //! namespaces, or when rvirtd is not built next to rvirt.
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
+use common::{sh, Env};
 
-fn sibling(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_BIN_EXE_rvirt")).with_file_name(name);
-    p.exists().then_some(p)
-}
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root for network namespaces".into());
-    }
-    for tool in ["ip", "nft", "dnsmasq"] {
-        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).exists());
-        if !found {
-            return Some(format!(
-                "{tool} is not installed (scripts/install-deps installs it)"
-            ));
-        }
-    }
-    if sibling("rvirtd").is_none() || sibling("rvirt-fake-vmm").is_none() {
-        return Some("rvirtd and rvirt-fake-vmm are not built next to rvirt".into());
-    }
-    let probe = format!("rvct-probe-{}", std::process::id());
-    if !sh(&["ip", "netns", "add", &probe]).status.success() {
-        return Some("cannot create network namespaces".into());
-    }
-    let _ = sh(&["ip", "netns", "del", &probe]);
-    None
-}
-
-/// The namespace, the daemon in it and its files; dropping it kills everything in the
-/// namespace and deletes it, also when the test fails.
-struct Env {
-    ns: String,
-    dir: tempfile::TempDir,
-    daemon: Option<Child>,
-}
+const CLEANUP: common::Cleanup = &[&["destroy", "vm1"], &["net-destroy", "--force", "t1"]];
 
 impl Env {
-    fn start() -> Env {
-        let ns = format!("rvct-{}", std::process::id());
-        let _ = sh(&["ip", "netns", "del", &ns]);
-        assert!(
-            sh(&["ip", "netns", "add", &ns]).status.success(),
-            "ip netns add {ns}"
-        );
-        let mut env = Env {
-            ns,
-            dir: tempfile::tempdir().unwrap(),
-            daemon: None,
-        };
-        env.ip(&["link", "set", "lo", "up"]);
-        // A host route the overlap check must see.
-        env.ip(&[
-            "link", "add", "used0", "type", "veth", "peer", "name", "used0p",
-        ]);
-        env.ip(&["addr", "add", "10.77.0.1/16", "dev", "used0"]);
-        env.ip(&["link", "set", "used0", "up"]);
-        std::fs::write(env.dir.path().join("vmlinux"), b"fake").unwrap();
-        std::fs::write(env.dir.path().join("disk.img"), vec![0u8; 4096]).unwrap();
-        let sock = env.dir.path().join("sock");
-        let log = std::fs::File::create(env.dir.path().join("rvirtd.log")).unwrap();
-        let daemon = Command::new("ip")
-            .args(["netns", "exec", &env.ns])
-            .arg(sibling("rvirtd").unwrap())
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(env.dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(env.dir.path().join("run"))
-            .arg("--vmm-binary")
-            .arg(sibling("rvirt-fake-vmm").unwrap())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        env.daemon = Some(daemon);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "rvirtd did not start: {}",
-                env.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        env
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("rvirtd.log")).unwrap_or_default()
-    }
-
-    /// `ip -n <ns> ...`, which must succeed.
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.ns];
-        full.extend_from_slice(args);
-        let o = sh(&full);
-        assert!(
-            o.status.success(),
-            "{full:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn has_link(&self, name: &str) -> bool {
-        sh(&["ip", "-n", &self.ns, "link", "show", "dev", name])
-            .status
-            .success()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rvirt"))
-            .arg("-c")
-            .arg(self.dir.path().join("sock"))
-            .env_remove("RVIRT_SOCKET")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "rvirt {args:?}: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "rvirt {args:?} should fail");
-        String::from_utf8(o.stderr).unwrap()
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.run(&["destroy", "vm1"]);
-        let _ = self.run(&["net-destroy", "--force", "t1"]);
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        let pids = String::from_utf8_lossy(&sh(&["ip", "netns", "pids", &self.ns]).stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .collect::<Vec<_>>();
-        for pid in pids {
-            // SAFETY: kill(2) on a process living in the namespace this test created.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    fn start() -> Option<Env> {
+        Env::launch_in_netns("rvct", &["ip", "nft", "dnsmasq"], CLEANUP, |env| {
+            // A host route the overlap check must see.
+            env.ip(&[
+                "link", "add", "used0", "type", "veth", "peer", "name", "used0p",
+            ]);
+            env.ip(&["addr", "add", "10.77.0.1/16", "dev", "used0"]);
+            env.ip(&["link", "set", "used0", "up"]);
+        })
     }
 }
 
@@ -196,11 +33,7 @@ fn net_xml(name: &str, bridge: &str, subnet3: &str) -> String {
 
 #[test]
 fn networks_through_the_cli_in_a_namespace() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    let e = Env::start();
+    let Some(e) = Env::start() else { return };
 
     // The default network is defined on the first start, not started.
     let list = e.ok(&["net-list", "--all"]);
@@ -272,17 +105,7 @@ fn networks_through_the_cli_in_a_namespace() {
     );
 
     // A domain on the network: a TAP on the bridge while it runs, gone when it stops.
-    let dom = e.file(
-        "vm1.xml",
-        &format!(
-            "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-             <os><type>hvm</type><kernel>{k}</kernel></os><devices><disk type='file'>\
-             <source file='{d}'/><target dev='vda' bus='virtio'/></disk>\
-             <interface type='network'><source network='t1'/></interface></devices></domain>",
-            k = e.dir.path().join("vmlinux").display(),
-            d = e.dir.path().join("disk.img").display()
-        ),
-    );
+    let dom = e.vm1_file("<interface type='network'><source network='t1'/></interface>");
     e.ok(&["define", &dom]);
     e.ok(&["start", "vm1"]);
     let tap = e.ip(&["link", "show", "master", "rvt1br"]);
@@ -301,7 +124,7 @@ fn networks_through_the_cli_in_a_namespace() {
 
     // 100 start/destroy cycles of the domain on the running network leak nothing: no TAP is left,
     // the bridge has no ports, the nftables table and dnsmasq are the ones the network started.
-    let nft_before = sh(&["ip", "netns", "exec", &e.ns, "nft", "list", "ruleset"]);
+    let nft_before = sh(&["ip", "netns", "exec", e.ns(), "nft", "list", "ruleset"]);
     let dnsmasq_before = e.ok(&["net-info", "t1"]);
     for i in 0..100 {
         e.ok(&["start", "vm1"]);
@@ -319,14 +142,14 @@ fn networks_through_the_cli_in_a_namespace() {
         "TAPs left after 100 cycles: {links}"
     );
     assert_eq!(e.ip(&["-o", "link", "show", "master", "rvt1br"]), "");
-    let nft_after = sh(&["ip", "netns", "exec", &e.ns, "nft", "list", "ruleset"]);
+    let nft_after = sh(&["ip", "netns", "exec", e.ns(), "nft", "list", "ruleset"]);
     assert_eq!(
         String::from_utf8_lossy(&nft_before.stdout),
         String::from_utf8_lossy(&nft_after.stdout),
         "nftables ruleset changed over 100 domain cycles"
     );
     assert_eq!(dnsmasq_before, e.ok(&["net-info", "t1"]));
-    let dnsmasqs = sh(&["ip", "netns", "pids", &e.ns]);
+    let dnsmasqs = sh(&["ip", "netns", "pids", e.ns()]);
     let count = String::from_utf8_lossy(&dnsmasqs.stdout)
         .split_whitespace()
         .filter(|pid| {

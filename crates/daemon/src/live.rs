@@ -170,7 +170,20 @@ fn annotate(el: &mut Element, alias: &str, slot: u8) {
 }
 
 fn resolve_scope(st: &SlotState, scope: PinScope) -> ApiResult<(bool, bool)> {
-    let active = st.state.is_active() && st.run.is_some();
+    scope_targets(
+        st.state.is_active() && st.run.is_some(),
+        st.persistent,
+        scope,
+    )
+}
+
+/// Resolves virsh's --live/--config/--current for a domain that is `active` (or not) and
+/// `persistent` (or transient): (live, config); the default is live when active, else config.
+pub(crate) fn scope_targets(
+    active: bool,
+    persistent: bool,
+    scope: PinScope,
+) -> ApiResult<(bool, bool)> {
     let (live, config) = if !scope.live && !scope.config {
         (active, !active)
     } else {
@@ -179,7 +192,7 @@ fn resolve_scope(st: &SlotState, scope: PinScope) -> ApiResult<(bool, bool)> {
     if live && !active {
         return Err(ApiError::not_running());
     }
-    if config && !st.persistent {
+    if config && !persistent {
         return Err(ApiError::invalid_op(
             "Requested operation is not valid: transient domains do not have any persistent config",
         ));

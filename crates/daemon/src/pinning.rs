@@ -93,20 +93,8 @@ impl Manager {
     /// Resolves virsh's --live/--config/--current: the default is live when active.
     fn scope(slot: &Slot, scope: PinScope) -> ApiResult<(Option<Run>, bool)> {
         let st = slot.lock();
-        let active = st.state.is_active();
-        let (live, config) = if !scope.live && !scope.config {
-            (active, !active)
-        } else {
-            (scope.live, scope.config)
-        };
-        if live && !active {
-            return Err(ApiError::not_running());
-        }
-        if config && !st.persistent {
-            return Err(ApiError::invalid_op(
-                "Requested operation is not valid: transient domains do not have any persistent config",
-            ));
-        }
+        let (live, config) =
+            crate::live::scope_targets(st.state.is_active(), st.persistent, scope)?;
         Ok((if live { st.run.clone() } else { None }, config))
     }
 

@@ -30,12 +30,14 @@
 use acpi_tables::aml::{
     self, Acquire, Add, AmlStr, And, BufferData, Device, EISAName, Equal, FieldAccessType,
     FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, MethodCall, Name,
-    Notify, OpRegion, OpRegionSpace, Path, Release, ResourceTemplate, Return, Store, While, IO,
+    Path, Release, Return, Store, While,
 };
 use acpi_tables::Aml;
 use rvirt_devices::guest_warn;
 
-use super::{aml_seq, read_bytes, EjectHandler, HotplugError, RawAml};
+use super::{
+    aml_seq, notify_method, read_bytes, ControllerAml, EjectHandler, HotplugError, RawAml,
+};
 use crate::bus::BusDevice;
 
 /// Length of the register block.
@@ -324,19 +326,6 @@ const CCMD: &str = "\\_SB_.PRES.CCMD";
 const CDAT: &str = "\\_SB_.PRES.CDAT";
 
 fn pres_aml(port: u16) -> Vec<u8> {
-    let hid = EISAName::new("PNP0A06");
-    let uid: AmlStr = "CPU Hotplug Controller";
-    let io = IO::new(port, port, 1, REG_LEN as u8);
-    let crs = ResourceTemplate::new(vec![&io]);
-    let sta: u8 = 0x0b;
-    let n_hid = Name::new("_HID".into(), &hid);
-    let n_uid = Name::new("_UID".into(), &uid);
-    let n_crs = Name::new("_CRS".into(), &crs);
-    let n_sta = Name::new("_STA".into(), &sta);
-    let mutex = aml::Mutex::new("CPLK".into(), 0);
-    let base = u32::from(port);
-    let len = REG_LEN as u32;
-    let region = OpRegion::new("PRST".into(), OpRegionSpace::SystemIO, &base, &len);
     // WriteAsZeros: a write of one flag bit must not write back the other pending bits
     // (they are write-1-to-clear).
     let f_sel = aml::Field::new(
@@ -376,12 +365,15 @@ fn pres_aml(port: u16) -> Vec<u8> {
         FieldUpdateRule::WriteAsZeroes,
         vec![FieldEntry::Reserved(64), FieldEntry::Named(*b"CDAT", 32)],
     );
-    aml_seq(&[&Device::new(
-        "PRES".into(),
-        vec![
-            &n_hid, &n_uid, &n_crs, &n_sta, &mutex, &region, &f_sel, &f_flags, &f_byte, &f_data,
-        ],
-    )])
+    ControllerAml {
+        name: "PRES",
+        uid: "CPU Hotplug Controller",
+        port,
+        len: REG_LEN as u8,
+        mutex: "CPLK",
+        region: "PRST",
+    }
+    .encode(&[&f_sel, &f_flags, &f_byte, &f_data])
 }
 
 fn cpus_aml(max: u32) -> Vec<u8> {
@@ -394,7 +386,7 @@ fn cpus_aml(max: u32) -> Vec<u8> {
     let ones: u16 = 0xffff;
 
     // CSTA(id): 0xF when present, else 0.
-    let (a0, a1, l0, l1) = (aml::Arg(0), aml::Arg(1), Local(0), Local(1));
+    let (a0, l0, l1) = (aml::Arg(0), Local(0), Local(1));
     let csel = Path::new(CSEL);
     let sel_a0 = Store::new(&csel, &a0);
     let sta_f: u8 = 0x0f;
@@ -428,19 +420,12 @@ fn cpus_aml(max: u32) -> Vec<u8> {
 
     // CTFY(id, event): Notify(Cxxx, event).
     let ids: Vec<u32> = (0..max).collect();
-    let names: Vec<Path> = ids.iter().map(|&i| Path::new(&device_name(i))).collect();
     let eqs: Vec<Equal> = ids.iter().map(|i| Equal::new(&a0, i)).collect();
-    let notifies: Vec<Notify> = names.iter().map(|n| Notify::new(n, &a1)).collect();
-    let ifs: Vec<If> = eqs
-        .iter()
-        .zip(&notifies)
-        .map(|(e, n)| If::new(e, vec![n]))
-        .collect();
-    let ctfy = Method::new(
-        "CTFY".into(),
-        2,
-        false,
-        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    let ctfy = notify_method(
+        "CTFY",
+        eqs.iter()
+            .zip(&ids)
+            .map(|(e, &i)| (e as &dyn Aml, device_name(i))),
     );
 
     // CSCN: for each vCPU with a pending event (found with CMD_NEXT_EVENT from Local0 on):

@@ -23,6 +23,10 @@ pub mod cpu;
 pub mod ged;
 pub mod pci;
 
+use acpi_tables::aml::{
+    self, AmlStr, Device, EISAName, If, Method, Name, Notify, OpRegion, OpRegionSpace, Path,
+    ResourceTemplate, IO,
+};
 use acpi_tables::{Aml, AmlSink};
 
 /// A refusal of a hotplug request from the VMM (never caused by the guest: guest accesses
@@ -82,6 +86,62 @@ pub(crate) fn aml_seq(items: &[&dyn Aml]) -> Vec<u8> {
         i.to_aml_bytes(&mut v);
     }
     v
+}
+
+/// The `\_SB` device of a hotplug controller at I/O port `port`: `_HID` PNP0A06, `_UID` `uid`,
+/// `_CRS` the `len` ports, `_STA` 0x0b, the mutex `mutex` and the SystemIO operation region
+/// `region` over the ports, followed by `rest` (the region's fields and the methods).
+pub(crate) struct ControllerAml<'a> {
+    pub name: &'a str,
+    pub uid: AmlStr,
+    pub port: u16,
+    pub len: u8,
+    pub mutex: &'a str,
+    pub region: &'a str,
+}
+
+impl ControllerAml<'_> {
+    pub(crate) fn encode(&self, rest: &[&dyn Aml]) -> Vec<u8> {
+        let hid = EISAName::new("PNP0A06");
+        let io = IO::new(self.port, self.port, 1, self.len);
+        let crs = ResourceTemplate::new(vec![&io]);
+        let sta: u8 = 0x0b;
+        let n_hid = Name::new("_HID".into(), &hid);
+        let n_uid = Name::new("_UID".into(), &self.uid);
+        let n_crs = Name::new("_CRS".into(), &crs);
+        let n_sta = Name::new("_STA".into(), &sta);
+        let mutex = aml::Mutex::new(self.mutex.into(), 0);
+        let base = u32::from(self.port);
+        let len = u32::from(self.len);
+        let region = OpRegion::new(self.region.into(), OpRegionSpace::SystemIO, &base, &len);
+        let mut children: Vec<&dyn Aml> = vec![&n_hid, &n_uid, &n_crs, &n_sta, &mutex, &region];
+        children.extend_from_slice(rest);
+        aml_seq(&[&Device::new(self.name.into(), children)])
+    }
+}
+
+/// `Method (name, 2)` that runs `Notify (device, Arg1)` for each `(condition, device)` whose
+/// condition (a test of Arg0) holds.
+pub(crate) fn notify_method<'a>(
+    name: &str,
+    cases: impl IntoIterator<Item = (&'a dyn Aml, String)>,
+) -> RawAml {
+    let a1 = aml::Arg(1);
+    let (conds, devices): (Vec<&dyn Aml>, Vec<Path>) =
+        cases.into_iter().map(|(c, d)| (c, Path::new(&d))).unzip();
+    let notifies: Vec<Notify> = devices.iter().map(|d| Notify::new(d, &a1)).collect();
+    let ifs: Vec<If> = conds
+        .iter()
+        .zip(&notifies)
+        .map(|(&c, n)| If::new(c, vec![n]))
+        .collect();
+    let method = Method::new(
+        name.into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    );
+    RawAml(aml_seq(&[&method]))
 }
 
 /// A read at `offset` of a device whose registers are handled byte by byte: `data[i]` comes

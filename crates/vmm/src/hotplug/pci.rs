@@ -23,14 +23,15 @@
 //! the slots to remove. Linux's acpiphp picks the slots up because they have `_ADR` and `_EJ0`.
 
 use acpi_tables::aml::{
-    self, Acquire, AmlStr, And, Device, EISAName, Equal, FieldAccessType, FieldEntry,
-    FieldLockRule, FieldUpdateRule, If, Local, Method, MethodCall, Name, Notify, OpRegion,
-    OpRegionSpace, Path, Release, ResourceTemplate, Return, ShiftLeft, Store, IO,
+    self, Acquire, And, Device, Equal, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule,
+    If, Local, Method, MethodCall, Name, Path, Release, Return, ShiftLeft, Store,
 };
 use acpi_tables::Aml;
 use rvirt_devices::guest_warn;
 
-use super::{aml_seq, read_bytes, EjectHandler, HotplugError, RawAml};
+use super::{
+    aml_seq, notify_method, read_bytes, ControllerAml, EjectHandler, HotplugError, RawAml,
+};
 use crate::bus::BusDevice;
 
 /// Length of the register block.
@@ -203,19 +204,6 @@ const PSEG: &str = "\\_SB_.PHPR.PSEG";
 
 /// `\_SB` child: the `PHPR` device for the controller at I/O port `port`.
 pub fn controller_aml(port: u16) -> Vec<u8> {
-    let hid = EISAName::new("PNP0A06");
-    let uid: AmlStr = "PCI Hotplug Controller";
-    let io = IO::new(port, port, 1, REG_LEN as u8);
-    let crs = ResourceTemplate::new(vec![&io]);
-    let sta: u8 = 0x0b;
-    let n_hid = Name::new("_HID".into(), &hid);
-    let n_uid = Name::new("_UID".into(), &uid);
-    let n_crs = Name::new("_CRS".into(), &crs);
-    let n_sta = Name::new("_STA".into(), &sta);
-    let mutex = aml::Mutex::new("BLCK".into(), 0);
-    let base = u32::from(port);
-    let len = REG_LEN as u32;
-    let region = OpRegion::new("PCST".into(), OpRegionSpace::SystemIO, &base, &len);
     let fields = aml::Field::new(
         "PCST".into(),
         FieldAccessType::DWord,
@@ -239,12 +227,15 @@ pub fn controller_aml(port: u16) -> Vec<u8> {
     let bit = ShiftLeft::new(&b0ej, &one, &a0);
     let ret = Return::new(&zero);
     let pcej = Method::new("PCEJ".into(), 1, true, vec![&acquire, &bit, &release, &ret]);
-    aml_seq(&[&Device::new(
-        "PHPR".into(),
-        vec![
-            &n_hid, &n_uid, &n_crs, &n_sta, &mutex, &region, &fields, &pcej,
-        ],
-    )])
+    ControllerAml {
+        name: "PHPR",
+        uid: "PCI Hotplug Controller",
+        port,
+        len: REG_LEN as u8,
+        mutex: "BLCK",
+        region: "PCST",
+    }
+    .encode(&[&fields, &pcej])
 }
 
 /// `\_SB.PCI0` children: the slot devices `S01`..`S1F`, `DVNT` and `PCNT`.
@@ -255,22 +246,16 @@ pub fn pci0_aml() -> Vec<u8> {
     let devices: Vec<RawAml> = slots.iter().map(|&s| RawAml(slot_device(s))).collect();
 
     // DVNT(bits, event): Notify(Sxx, event) for each slot in bits.
-    let (a0, a1) = (aml::Arg(0), aml::Arg(1));
+    let a0 = aml::Arg(0);
     let zero = aml::ZERO;
     let masks: Vec<u32> = slots.iter().map(|s| 1 << s).collect();
-    let names: Vec<Path> = slots.iter().map(|&s| Path::new(&slot_name(s))).collect();
     let tests: Vec<And> = masks.iter().map(|m| And::new(&zero, &a0, m)).collect();
-    let notifies: Vec<Notify> = names.iter().map(|n| Notify::new(n, &a1)).collect();
-    let ifs: Vec<If> = tests
-        .iter()
-        .zip(&notifies)
-        .map(|(t, n)| If::new(t, vec![n]))
-        .collect();
-    let dvnt = Method::new(
-        "DVNT".into(),
-        2,
-        false,
-        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    let dvnt = notify_method(
+        "DVNT",
+        tests
+            .iter()
+            .zip(&slots)
+            .map(|(t, &s)| (t as &dyn Aml, slot_name(s))),
     );
 
     // PCNT: read both bitmaps (clear on read) under BLCK, then notify.
