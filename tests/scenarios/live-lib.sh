@@ -2,8 +2,11 @@
 # lines on a console captured in /tmp/NAME.con), sourced after /lib/rvirt/scenario.sh. Used by
 # live-e2e.sh and bench/live (rvirt and QEMU guests alike).
 
-# live_value NAME WHAT — the last value of "RVIRT-LIVE WHAT <value>" on NAME's console.
-live_value() { tr -d '\r' <"/tmp/$1.con" | sed -n "s/^RVIRT-LIVE $2 //p" | tail -n 1; }
+# live_value NAME WHAT — the last value of "RVIRT-LIVE WHAT <value>" on NAME's console, from
+# whole lines only (the last line may still be arriving: "mem 4" of "mem 415016").
+live_value() {
+  head -n "$(wc -l <"/tmp/$1.con")" "/tmp/$1.con" | tr -d '\r' | sed -n "s/^RVIRT-LIVE $2 //p" | tail -n 1
+}
 
 # wait_live NAME WHAT TEST SECS — waits until the last "RVIRT-LIVE WHAT v" satisfies TEST
 # (a shell test on $v, e.g. '[ "$v" -lt 1000 ]').
