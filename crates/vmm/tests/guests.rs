@@ -18,11 +18,17 @@ fn skip() -> bool {
 
 /// Run the VMM on `img`, killing it after 30 s.
 fn boot(img: &GuestImage, extra: &[&str]) -> Output {
+    boot_env(img, extra, &[])
+}
+
+/// [`boot`] with environment variables for the VMM.
+fn boot_env(img: &GuestImage, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(VMM);
     cmd.arg("--kernel")
         .arg(img.path())
         .args(["--memory", "64M", "--serial", "stdio"])
         .args(extra)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null());
     run_with_timeout(cmd, Duration::from_secs(30))
 }
@@ -92,13 +98,7 @@ fn log_records_reach_stderr_at_the_rvirt_log_level() {
         return;
     }
     let img = rvirt_testkit::serial_hello().unwrap();
-    let mut cmd = Command::new(VMM);
-    cmd.arg("--kernel")
-        .arg(img.path())
-        .args(["--memory", "64M", "--serial", "stdio"])
-        .env("RVIRT_LOG", "debug")
-        .stdin(std::process::Stdio::null());
-    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let out = boot_env(&img, &[], &[("RVIRT_LOG", "debug")]);
     let se = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{se}");
     assert!(
@@ -106,13 +106,7 @@ fn log_records_reach_stderr_at_the_rvirt_log_level() {
         "{se}"
     );
 
-    let mut cmd = Command::new(VMM);
-    cmd.arg("--kernel")
-        .arg(img.path())
-        .args(["--memory", "64M", "--serial", "stdio"])
-        .env("RVIRT_LOG", "loud")
-        .stdin(std::process::Stdio::null());
-    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let out = boot_env(&img, &[], &[("RVIRT_LOG", "loud")]);
     let se = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{se}");
     assert!(se.contains("rvirt-vmm: warn: "), "{se}");
