@@ -106,6 +106,9 @@ pub struct DomainInfo {
     pub cpu_time_ns: Option<u64>,
     /// VMM process id, while active.
     pub pid: Option<u32>,
+    /// How the running VMM backs guest RAM (source, sharing, KSM, THP), while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<crate::vmm::MemoryBackingInfo>,
 }
 
 /// `POST /v1/domains`: define (persistent) or create (transient, started).

@@ -109,6 +109,37 @@ pub enum RunState {
 }
 
 /// One vCPU's thread.
+/// How the VMM backed guest RAM (what it applied, not only what was asked for: a hint the
+/// host kernel refused is reported as not applied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBackingInfo {
+    /// `anonymous`, `memfd` or `hugepages`.
+    pub source: String,
+    /// Shared mapping (`<access mode='shared'/>`).
+    pub shared: bool,
+    /// `MADV_MERGEABLE` applied: KSM may merge the pages.
+    pub ksm: bool,
+    /// `MADV_HUGEPAGE` applied: transparent huge pages.
+    pub thp: bool,
+}
+
+impl MemoryBackingInfo {
+    /// One line for `dominfo`, e.g. "anonymous, private, KSM, THP".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![
+            self.source.clone(),
+            if self.shared { "shared" } else { "private" }.to_string(),
+        ];
+        if self.ksm {
+            parts.push("KSM".into());
+        }
+        if self.thp {
+            parts.push("THP".into());
+        }
+        parts.join(", ")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuThread {
     pub vcpu: u32,
@@ -132,6 +163,9 @@ pub enum Response {
         /// Most vCPUs the VM can have (hotplug).
         #[serde(default)]
         max_vcpus: u32,
+        /// How guest RAM is backed, as applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_backing: Option<MemoryBackingInfo>,
     },
     VcpuInfo {
         vcpus: Vec<VcpuThread>,

@@ -716,6 +716,10 @@ fn dominfo(c: &Client, d: &str, json: bool) -> Out {
     row("Managed save:", "no".to_string());
     row("Security model:", "none".to_string());
     row("Security DOI:", "0".to_string());
+    // rvirt's addition after virsh's rows: how the running VMM backs guest RAM.
+    if let Some(b) = &i.memory_backing {
+        row("Memory backing:", b.describe());
+    }
     println!();
     Ok(())
 }

@@ -96,6 +96,7 @@ fn virsh_layouts_and_messages() {
         "Max memory:     65536 KiB",
         "Persistent:     yes",
         "Autostart:      disable",
+        "Memory backing: anonymous, private, KSM, THP",
     ] {
         assert!(info.contains(line), "'{line}' missing:\n{info}");
     }

@@ -6,7 +6,7 @@ use crate::vmm_client::{self, Watch};
 use crate::xml::domain::{DomainDef, LifecycleAction};
 use crate::xml::Domain;
 use rvirt_api::rest::{DomainState, ErrorCode, StateReason};
-use rvirt_api::vmm::{Event, ExitReason, Request, Response, RunState};
+use rvirt_api::vmm::{Event, ExitReason, MemoryBackingInfo, Request, Response, RunState};
 use rvirt_api::vmm_config::{
     BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskConfig, DiskFormat, MemoryBacking,
     MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
@@ -295,7 +295,7 @@ impl Manager {
             }
         };
         let pid = child.id().unwrap_or(0);
-        let run = Run {
+        let mut run = Run {
             name: name.to_string(),
             uuid: def.uuid.clone().unwrap_or_default(),
             id: keep_id.unwrap_or_else(|| self.take_id()),
@@ -305,6 +305,7 @@ impl Manager {
             serial_socket: serial,
             taps: taps.clone(),
             generation,
+            memory_backing: None,
         };
         // Recorded before waiting for the VMM, so that a daemon that dies right now still finds
         // (and re-attaches to, or cleans up) this VMM on its next start.
@@ -313,7 +314,18 @@ impl Manager {
             &run_record_path(&dir),
             serde_json::to_string(&run).unwrap_or_default().as_bytes(),
         );
-        let vmm_state = wait_ready(&mut child, &api).await;
+        let ready = wait_ready(&mut child, &api).await;
+        let vmm_state = ready
+            .as_ref()
+            .map(|(state, _)| *state)
+            .map_err(Clone::clone);
+        if let Ok((_, backing)) = ready {
+            run.memory_backing = backing;
+            let _ = crate::store::write_atomic(
+                &run_record_path(&dir),
+                serde_json::to_string(&run).unwrap_or_default().as_bytes(),
+            );
+        }
         if let Err(e) = vmm_state {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -792,14 +804,22 @@ impl Manager {
         }
     }
 
-    async fn reattach_one(self: &Arc<Self>, dir: &Path, run: Run) -> Result<(), String> {
+    async fn reattach_one(self: &Arc<Self>, dir: &Path, mut run: Run) -> Result<(), String> {
         if !crate::host::process_matches(run.pid, run.start_time) {
             return Err(format!("its VMM (pid {}) is gone", run.pid));
         }
         // A live VMM that does not answer is still ours: keep it (destroy still works, by
         // SIGKILL) rather than forget a running process.
         let state = match vmm_client::request(&run.api_socket, &Request::Info).await {
-            Ok(Response::Info { state, .. }) => state,
+            Ok(Response::Info {
+                state,
+                memory_backing,
+                ..
+            }) => {
+                // A run record written before the VMM answered has no backing yet.
+                run.memory_backing = memory_backing.or(run.memory_backing.take());
+                state
+            }
             other => {
                 let why = match other {
                     Ok(resp) => format!("unexpected answer {resp:?}"),
@@ -869,9 +889,12 @@ impl Manager {
     }
 }
 
-/// Waits until the VMM answers `info` on its control socket (returning its run state), or
-/// fails if it exits first.
-async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<RunState, String> {
+/// Waits until the VMM answers `info` on its control socket (returning its run state and how
+/// it backs guest RAM), or fails if it exits first.
+async fn wait_ready(
+    child: &mut tokio::process::Child,
+    api: &Path,
+) -> Result<(RunState, Option<MemoryBackingInfo>), String> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -879,9 +902,13 @@ async fn wait_ready(child: &mut tokio::process::Child, api: &Path) -> Result<Run
         }
         if api.exists() {
             match vmm_client::request(api, &Request::Info).await {
-                Ok(Response::Info { state, .. }) => return Ok(state),
+                Ok(Response::Info {
+                    state,
+                    memory_backing,
+                    ..
+                }) => return Ok((state, memory_backing)),
                 // Any other answer still means it is up.
-                Ok(_) => return Ok(RunState::Running),
+                Ok(_) => return Ok((RunState::Running, None)),
                 Err(_) => {}
             }
         }

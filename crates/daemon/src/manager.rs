@@ -37,6 +37,9 @@ pub struct Run {
     /// Increases with every start, so a late exit notice of an old run is not taken for the
     /// current one.
     pub generation: u64,
+    /// How the VMM backs guest RAM, from its `info` answer (dominfo).
+    #[serde(default)]
+    pub memory_backing: Option<rvirt_api::vmm::MemoryBackingInfo>,
 }
 
 pub struct SlotState {
@@ -402,6 +405,7 @@ impl Manager {
             used_memory_kib: def.current_memory_kib,
             cpu_time_ns: stat.map(|s| s.cpu_time_ns),
             pid: st.run.as_ref().map(|r| r.pid),
+            memory_backing: st.run.as_ref().and_then(|r| r.memory_backing.clone()),
         })
     }
 

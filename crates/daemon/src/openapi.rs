@@ -63,7 +63,7 @@ fn schemas() -> Value {
         "Version": s(&[("name", "string"), ("version", "string"), ("api", "string")]),
         "DomainSummary": s(&[("id", "integer"), ("name", "string"), ("uuid", "string"), ("state", "string"), ("reason", "string"), ("persistent", "boolean"), ("autostart", "boolean")]),
         "DomainSummaryList": list("DomainSummary"),
-        "DomainInfo": s(&[("id", "integer"), ("name", "string"), ("uuid", "string"), ("state", "string"), ("reason", "string"), ("persistent", "boolean"), ("autostart", "boolean"), ("os_type", "string"), ("vcpus", "integer"), ("max_memory_kib", "integer"), ("used_memory_kib", "integer"), ("cpu_time_ns", "integer"), ("pid", "integer")]),
+        "DomainInfo": s(&[("id", "integer"), ("name", "string"), ("uuid", "string"), ("state", "string"), ("reason", "string"), ("persistent", "boolean"), ("autostart", "boolean"), ("os_type", "string"), ("vcpus", "integer"), ("max_memory_kib", "integer"), ("used_memory_kib", "integer"), ("cpu_time_ns", "integer"), ("pid", "integer"), ("memory_backing", "object")]),
         "DefineRequest": s(&[("xml", "string"), ("transient", "boolean")]),
         "DefineResponse": s(&[("name", "string"), ("uuid", "string"), ("warnings", "array")]),
         "XmlBody": s(&[("xml", "string")]),

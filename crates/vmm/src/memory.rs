@@ -17,13 +17,8 @@ use crate::layout::ram_regions;
 /// Size of the huge pages `<hugepages/>` uses (the x86 default).
 const HUGE_PAGE: u64 = 2 << 20;
 
-/// What was applied, for logs and `dominfo`-like reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub source: &'static str,
-    pub shared: bool,
-    pub merge: bool,
-}
+/// What was applied (the control socket's `info` reports it; rvirtd's dominfo shows it).
+pub type Applied = rvirt_api::vmm::MemoryBackingInfo;
 
 /// Huge pages free now, from /proc/meminfo (`HugePages_Free` of the default size, 2 MiB).
 fn free_huge_pages(meminfo: &str) -> Option<(u64, u64)> {
@@ -90,6 +85,7 @@ pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> 
     }
     let mut regions = Vec::new();
     let mut offset = 0u64;
+    let (mut ksm_all, mut thp_all) = (true, true);
     for (start, len) in ram_regions(ram) {
         let mut b = MmapRegionBuilder::new(len as usize)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -104,7 +100,9 @@ pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> 
             .with_context(|| format!("cannot map {} MiB of guest memory", len >> 20))?;
         let region = GuestRegionMmap::new(region, GuestAddress(start))
             .context("guest memory region overflows the address space")?;
-        advise(&region, backing);
+        let (ksm, thp) = advise(&region, backing);
+        ksm_all &= ksm;
+        thp_all &= thp;
         regions.push(region);
         offset += len;
     }
@@ -116,25 +114,24 @@ pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> 
             "memfd"
         } else {
             "anonymous"
-        },
+        }
+        .to_string(),
         shared,
-        merge: !backing.nosharepages,
+        ksm: ksm_all,
+        thp: thp_all,
     };
     Ok((mem, applied))
 }
 
 /// KSM and THP hints; their failure costs only memory savings, so it is logged, not fatal.
-fn advise(region: &GuestRegionMmap<()>, backing: &MemoryBacking) {
+/// Returns whether each was applied (KSM, THP).
+fn advise(region: &GuestRegionMmap<()>, backing: &MemoryBacking) -> (bool, bool) {
     use vm_memory::GuestMemoryRegion;
     let (addr, len) = (region.as_ptr() as *mut libc::c_void, region.len() as usize);
-    let mut hints = Vec::new();
-    if !backing.nosharepages {
-        hints.push((libc::MADV_MERGEABLE, "MADV_MERGEABLE (KSM)"));
-    }
-    if !backing.hugepages {
-        hints.push((libc::MADV_HUGEPAGE, "MADV_HUGEPAGE (THP)"));
-    }
-    for (advice, name) in hints {
+    let hint = |wanted: bool, advice: i32, name: &str| {
+        if !wanted {
+            return false;
+        }
         // SAFETY: `addr..addr+len` is exactly the live mapping owned by `region`; madvise
         // hints do not change its contents.
         if unsafe { libc::madvise(addr, len, advice) } != 0 {
@@ -142,8 +139,22 @@ fn advise(region: &GuestRegionMmap<()>, backing: &MemoryBacking) {
                 "guest RAM: {name} not applied: {}",
                 std::io::Error::last_os_error()
             );
+            return false;
         }
-    }
+        true
+    };
+    (
+        hint(
+            !backing.nosharepages,
+            libc::MADV_MERGEABLE,
+            "MADV_MERGEABLE (KSM)",
+        ),
+        hint(
+            !backing.hugepages,
+            libc::MADV_HUGEPAGE,
+            "MADV_HUGEPAGE (THP)",
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -174,11 +185,18 @@ mod tests {
     fn anonymous_ram_is_private_and_offered_to_ksm() {
         let (mem, a) = create(32 << 20, &MemoryBacking::default()).unwrap();
         assert_eq!(a.source, "anonymous");
-        assert!(!a.shared && a.merge);
+        assert!(!a.shared && a.ksm);
         let r = mem.iter().next().unwrap();
         assert!(r.file_offset().is_none());
         let flags = vm_flags(r.as_ptr() as u64);
         assert!(flags.contains(" mg"), "no KSM flag in {flags:?}");
+        // THP is reported as applied exactly when the kernel took the hint.
+        assert_eq!(a.thp, flags.contains(" hg"), "{flags:?}");
+        assert!(
+            a.describe().starts_with("anonymous, private, KSM"),
+            "{}",
+            a.describe()
+        );
         mem.write_obj(0x1234u32, GuestAddress(0x1000)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234);
     }
@@ -190,7 +208,7 @@ mod tests {
             ..Default::default()
         };
         let (mem, a) = create(16 << 20, &b).unwrap();
-        assert!(!a.merge);
+        assert!(!a.ksm);
         let flags = vm_flags(mem.iter().next().unwrap().as_ptr() as u64);
         assert!(!flags.contains(" mg"), "KSM flag in {flags:?}");
     }
@@ -205,7 +223,7 @@ mod tests {
         // Over 3 GiB: two regions at different offsets of the same memfd; nothing is touched,
         // so no memory is used.
         let (mem, a) = create((3 << 30) + (64 << 20), &b).unwrap();
-        assert_eq!((a.source, a.shared), ("memfd", true));
+        assert_eq!((a.source.as_str(), a.shared), ("memfd", true));
         let regions: Vec<_> = mem.iter().collect();
         assert_eq!(regions.len(), 2);
         let offs: Vec<u64> = regions

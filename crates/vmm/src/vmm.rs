@@ -26,6 +26,7 @@ const BALLOON_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 struct Vmm {
     name: Option<String>,
     memory: u64,
+    backing: crate::memory::Applied,
     state: RunState,
     watchers: Vec<UnixStream>,
     /// The balloon's latest size not yet told to watchers, and when they were last told: the
@@ -120,6 +121,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let mut vmm = Vmm {
         name: cfg.name.clone(),
         memory: ram,
+        backing: vm.backing.clone(),
         state,
         watchers: Vec::new(),
         balloon_event: None,
@@ -357,6 +359,7 @@ impl Vmm {
                 vcpus: self.vcpus.online(),
                 memory_bytes: self.memory,
                 max_vcpus: self.vcpus.max(),
+                memory_backing: Some(self.backing.clone()),
             },
             Request::Pause => {
                 let vcpus = self.vcpus.pause();

@@ -152,8 +152,14 @@ fn info_vcpu_info_stats_pause_resume_quit() {
             state,
             vcpus,
             memory_bytes,
+            memory_backing,
             ..
         } => {
+            let b = memory_backing.expect("info reports the memory backing");
+            assert_eq!(
+                (b.source.as_str(), b.shared, b.ksm),
+                ("anonymous", false, true)
+            );
             assert_eq!(pid, vm.child.id());
             assert_eq!(name.as_deref(), Some("t1"));
             assert_eq!(state, RunState::Running);

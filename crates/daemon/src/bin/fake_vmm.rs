@@ -309,6 +309,24 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
             vcpus: vm.tids.lock().unwrap().len() as u32,
             memory_bytes: vm.memory_bytes,
             max_vcpus: max_vcpus(vm),
+            // The stand-in has no guest RAM: it reports what rvirt-vmm would apply for the
+            // config file's backing (every hint taken).
+            memory_backing: config_file().map(|c| {
+                let b = &c.memory.backing;
+                rvirt_api::vmm::MemoryBackingInfo {
+                    source: if b.hugepages {
+                        "hugepages"
+                    } else if b.memfd || b.shared {
+                        "memfd"
+                    } else {
+                        "anonymous"
+                    }
+                    .into(),
+                    shared: b.shared,
+                    ksm: !b.nosharepages,
+                    thp: !b.hugepages,
+                }
+            }),
         },
         Request::Pause | Request::Resume => {
             let pause = req == Request::Pause;

@@ -19,6 +19,8 @@ pub struct Vm {
     pub kvm: Kvm,
     pub fd: Arc<VmFd>,
     pub mem: GuestMem,
+    /// How guest RAM is backed (reported by `info`).
+    pub backing: crate::memory::Applied,
 }
 
 impl Vm {
@@ -46,7 +48,12 @@ impl Vm {
         let (mem, applied) = crate::memory::create(ram, backing)?;
         log::debug!("guest RAM: {applied:?}");
         register_memory(&fd, &mem)?;
-        Ok(Vm { kvm, fd, mem })
+        Ok(Vm {
+            kvm,
+            fd,
+            mem,
+            backing: applied,
+        })
     }
 
     /// An eventfd that raises `gsi` when written (KVM_IRQFD).
