@@ -48,7 +48,14 @@ fn define_start_console_shutdown() {
 #[test]
 fn daemon_log_to_a_file_has_no_colour_codes() {
     let d = Daemon::start();
-    let log = d.daemon_log();
+    // The socket accepts connections from its bind on; the line comes after start-up work
+    // (networks, re-attach).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut log = d.daemon_log();
+    while !log.contains("rvirtd listening on") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        log = d.daemon_log();
+    }
     assert!(log.contains("rvirtd listening on"), "{log}");
     assert!(
         !log.contains('\x1b'),
