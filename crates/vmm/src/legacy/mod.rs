@@ -1,10 +1,12 @@
 //! Platform devices a Linux guest expects at fixed I/O ports, each a [`crate::bus::BusDevice`]:
 //! COM1 ([`serial`]), the ACPI PM1a block and power button ([`pm`]), the CMOS RTC ([`cmos`]),
 //! the reset register and the i8042's reset line ([`reset`]), and rvirt's boot-timer port
-//! ([`boot_timer`]). [`install`] puts them on the port I/O bus.
+//! ([`boot_timer`]). [`install`] puts them on the port I/O bus. [`fw_cfg`], the firmware
+//! configuration device for firmware boot, is not installed yet.
 
 pub mod boot_timer;
 pub mod cmos;
+pub mod fw_cfg;
 pub mod pm;
 pub mod reset;
 pub mod serial;
