@@ -74,7 +74,8 @@ impl DeviceManager {
         let sci = vm.irqfd(9, "the ACPI SCI")?;
         let pm = Arc::new(Mutex::new(Pm::new(Some(sci), mailbox.clone())));
         let pio = Arc::new(Bus::new());
-        legacy::install(&pio, com1, pm.clone(), mailbox).context("platform devices")?;
+        legacy::install(&pio, com1, pm.clone(), (ram, boot), mailbox)
+            .context("platform devices")?;
         let ged = Arc::new(Mutex::new(Ged::with_eventfd(
             vm.irqfd(GED_GSI, "the ACPI GED")?,
         )));

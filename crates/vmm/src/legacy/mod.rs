@@ -23,12 +23,14 @@ pub struct Platform {
     pub pm: Arc<Mutex<pm::Pm>>,
 }
 
-/// Puts COM1, the PM block, the CMOS RTC, the reset register, the i8042 and the boot-timer
-/// port on `pio`.
+/// Puts COM1, the PM block, the CMOS RTC (with the memory size and boot vCPU count of a VM
+/// with `ram` bytes and `cpus` vCPUs), the reset register, the i8042 and the boot-timer port on
+/// `pio`.
 pub fn install(
     pio: &Bus,
     com1: Arc<Mutex<serial::Com1>>,
     pm: Arc<Mutex<pm::Pm>>,
+    (ram, cpus): (u64, u32),
     mailbox: &Mailbox,
 ) -> Result<Platform, BusError> {
     pio.insert(u64::from(ports::COM1), 8, com1.clone())?;
@@ -36,7 +38,7 @@ pub fn install(
     pio.insert(
         u64::from(ports::CMOS_INDEX),
         2,
-        Arc::new(Mutex::new(cmos::Cmos::default())),
+        Arc::new(Mutex::new(cmos::Cmos::new(ram, cpus))),
     )?;
     pio.insert(
         u64::from(ports::RESET),
