@@ -867,6 +867,24 @@ pub fn virtio_blk_rw(sector0: &[u8; 512], write_sector: u32) -> Result<GuestImag
     GuestImage::from_bytes(&pvh_elf(&code))
 }
 
+/// xorshift64*: a deterministic pseudo-random source for randomised hostile-input tests (the
+/// same seed gives the same run, so a failure can be replayed), without a dependency.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// True if /dev/kvm can be opened read-write; otherwise the reason to print when skipping.
 pub fn kvm_unavailable() -> Option<String> {
     match std::fs::OpenOptions::new()

@@ -15,27 +15,20 @@ use super::net::{Net, NetConfig, PacketSocket};
 use super::rng::Rng;
 use super::testing::*;
 use super::VirtioDevice;
+use rvirt_testkit::XorShift as Rand;
 
-/// xorshift64*: deterministic, no dependency, good enough to shake a parser.
-struct Rand(u64);
+/// Deterministic values shaped for a virtio driver's rings.
+trait Hostile {
+    fn addr(&mut self) -> u64;
+    fn len(&mut self) -> u32;
+}
 
-impl Rand {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
+impl Hostile for Rand {
     /// Mostly plausible addresses (inside the data area, near the end of memory), sometimes
     /// anything at all.
     fn addr(&mut self) -> u64 {
         match self.below(4) {
-            0 => self.next(),
+            0 => self.next_u64(),
             1 => MEM_SIZE as u64 - self.below(4096),
             _ => DATA + self.below(0x20_0000),
         }
@@ -43,7 +36,7 @@ impl Rand {
 
     fn len(&mut self) -> u32 {
         match self.below(4) {
-            0 => self.next() as u32,
+            0 => self.next_u64() as u32,
             1 => 16,
             _ => self.below(8192) as u32,
         }
@@ -64,7 +57,7 @@ fn fuzz(
     // Realistic bytes in the data area, so some requests parse as valid.
     let mut junk = vec![0u8; 0x20_0000];
     for b in junk.iter_mut() {
-        *b = r.next() as u8 & 0x0f;
+        *b = r.next_u64() as u8 & 0x0f;
     }
     d.mem.write_slice(&junk, GuestAddress(DATA)).unwrap();
     for round in 0..rounds {
@@ -76,7 +69,7 @@ fn fuzz(
             for i in 0..SIZE {
                 let flags = r.below(8) as u16;
                 let next = if r.below(4) == 0 {
-                    r.next() as u16
+                    r.next_u64() as u16
                 } else {
                     r.below(u64::from(SIZE)) as u16
                 };
@@ -91,7 +84,7 @@ fn fuzz(
             let mut returnable = 0u16;
             for _ in 0..entries {
                 let head = if r.below(8) == 0 {
-                    r.next() as u16
+                    r.next_u64() as u16
                 } else {
                     r.below(u64::from(SIZE)) as u16
                 };
@@ -104,7 +97,7 @@ fn fuzz(
             // The receive queue of virtio-net only returns chains when frames arrive: feed it
             // some, of random sizes; how many chains they use is not predictable.
             if name == "net" && qi == 0 {
-                feed(r.next());
+                feed(r.next_u64());
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }

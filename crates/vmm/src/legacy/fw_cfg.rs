@@ -951,25 +951,19 @@ mod tests {
         assert!(!pio.read(base + PORT_LEN, &mut b));
     }
 
-    /// xorshift64*: deterministic, no dependency.
-    struct Rand(u64);
+    use rvirt_testkit::XorShift as Rand;
 
-    impl Rand {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
+    /// Deterministic values shaped for fw_cfg's DMA interface.
+    trait Hostile {
+        fn addr(&mut self) -> u64;
+        fn len(&mut self) -> u32;
+    }
 
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
+    impl Hostile for Rand {
         /// Mostly addresses in or near guest memory, sometimes anything.
         fn addr(&mut self) -> u64 {
             match self.below(4) {
-                0 => self.next(),
+                0 => self.next_u64(),
                 1 => MEM as u64 - self.below(64),
                 _ => self.below(MEM as u64),
             }
@@ -977,7 +971,7 @@ mod tests {
 
         fn len(&mut self) -> u32 {
             match self.below(4) {
-                0 => self.next() as u32,
+                0 => self.next_u64() as u32,
                 _ => self.below(0x3000) as u32,
             }
         }
@@ -1005,12 +999,12 @@ mod tests {
                     d.read(offset, &mut b);
                 }
                 1 => {
-                    let v = r.next().to_le_bytes();
+                    let v = r.next_u64().to_le_bytes();
                     d.write(offset, &v[..size]);
                 }
                 2 => {
                     let key = match r.below(3) {
-                        0 => r.next() as u16,
+                        0 => r.next_u64() as u16,
                         _ => r.below(0x28) as u16,
                     };
                     select(&mut d, key);
@@ -1019,7 +1013,7 @@ mod tests {
                     // A plausible descriptor somewhere, then a trigger at some address.
                     let at = r.below(MEM as u64 - 16);
                     let control = match r.below(3) {
-                        0 => r.next() as u32,
+                        0 => r.next_u64() as u32,
                         _ => (r.below(0x28) << 16) as u32 | r.below(0x20) as u32,
                     };
                     let mut raw = [0u8; 16];
