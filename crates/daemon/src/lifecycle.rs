@@ -314,18 +314,13 @@ impl Manager {
             &run_record_path(&dir),
             serde_json::to_string(&run).unwrap_or_default().as_bytes(),
         );
-        let ready = wait_ready(&mut child, &api).await;
-        let vmm_state = ready
-            .as_ref()
-            .map(|(state, _)| *state)
-            .map_err(Clone::clone);
-        if let Ok((_, backing)) = ready {
-            run.memory_backing = backing;
-            let _ = crate::store::write_atomic(
-                &run_record_path(&dir),
-                serde_json::to_string(&run).unwrap_or_default().as_bytes(),
-            );
-        }
+        let vmm_state = match wait_ready(&mut child, &api).await {
+            Ok((state, backing)) => {
+                run.memory_backing = backing;
+                Ok(state)
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = vmm_state {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -816,8 +811,7 @@ impl Manager {
                 memory_backing,
                 ..
             }) => {
-                // A run record written before the VMM answered has no backing yet.
-                run.memory_backing = memory_backing.or(run.memory_backing.take());
+                run.memory_backing = memory_backing;
                 state
             }
             other => {

@@ -37,8 +37,9 @@ pub struct Run {
     /// Increases with every start, so a late exit notice of an old run is not taken for the
     /// current one.
     pub generation: u64,
-    /// How the VMM backs guest RAM, from its `info` answer (dominfo).
-    #[serde(default)]
+    /// How the VMM backs guest RAM, from its `info` answer (dominfo). Not in the run record:
+    /// a re-attaching daemon asks the VMM again.
+    #[serde(skip)]
     pub memory_backing: Option<rvirt_api::vmm::MemoryBackingInfo>,
 }
 
