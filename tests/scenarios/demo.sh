@@ -13,7 +13,7 @@
 #
 # Runs inside the test host (busybox sh) by default. scripts/demo also runs it on a machine whose
 # /dev/kvm runs guests natively, with these set (otherwise the test host's paths are used):
-#   DEMO_LIB      directory with scenario.sh, daemon-lib.sh and live-guest.sh
+#   DEMO_LIB      directory with scenario.sh, daemon-lib.sh, live-lib.sh and live-guest.sh
 #   DEMO_KERNEL   the guest kernel (vmlinux), DEMO_INITRD the guest initramfs
 #   RVIRT_TMP     directory for every file of the run (disk, logs, console, rvirtd's state)
 #   DEMO_NET      "none": no network (a NAT network would change that machine's networking)
@@ -27,6 +27,7 @@ export RVIRT_SOCKET=${RVIRT_SOCKET:-/run/rvirt/rvirtd.sock}
 STATE=${STATE:-/var/lib/rvirt}
 RUN=${RUN:-/run/rvirt}
 . "${lib:-/scenarios}/daemon-lib.sh"
+. "${lib:-/scenarios}/live-lib.sh"
 net=${DEMO_NET:-default}
 
 passed=
@@ -82,19 +83,13 @@ watch_console() {
   return 1
 }
 
-# live_value WHAT — the last "RVIRT-LIVE WHAT <value>" of the guest (live-guest.sh), from whole
-# lines only: the console's last line may still be arriving ("RVIRT-LIVE mem 4" of 415016).
-live_value() {
-  head -n "$(wc -l <"$con")" "$con" | tr -d '\r' | sed -n "s/^RVIRT-LIVE $1 //p" | tail -n 1
-}
-
 # watch_live WHAT TEST SECS — shows the console until the last "RVIRT-LIVE WHAT v" satisfies
 # TEST (a shell test on $v).
 watch_live() {
   i=0
   while [ $i -lt $(($3 * 5)) ]; do
     show_console
-    v=$(live_value "$1")
+    v=$(live_value demo "$1")
     [ -n "$v" ] && eval "$2" && { show_console; return 0; }
     sleep 0.2
     i=$((i + 1))
@@ -201,7 +196,7 @@ else
 fi
 watch_live mem true 20
 watch_live cpus true 5
-mem0=$(live_value mem)
+mem0=$(live_value demo mem)
 
 # ---- 5. live changes -------------------------------------------------------------------------
 
@@ -210,9 +205,9 @@ echo "== 5. change the running guest: memory through the balloon, a vCPU through
 step setmem "rvirt setmem demo 256M --live"
 # The balloon takes 256 MiB: MemTotal ends 256 MiB lower (within 1 MiB).
 if watch_live mem "[ \$v -le $((mem0 - 255 * 1024)) ]" 120; then
-  ok setmem.guest "the guest's MemTotal went from $mem0 kB to $(live_value mem) kB"
+  ok setmem.guest "the guest's MemTotal went from $mem0 kB to $(live_value demo mem) kB"
 else
-  bad setmem.guest "the guest's MemTotal is $(live_value mem) kB (was $mem0 kB), want 256 MiB less"
+  bad setmem.guest "the guest's MemTotal is $(live_value demo mem) kB (was $mem0 kB), want 256 MiB less"
 fi
 if sh_run "rvirt dommemstat demo" && echo "$out" | grep -q '^actual 262144$'; then
   ok dommemstat "actual 262144"
@@ -223,7 +218,7 @@ step setvcpus "rvirt setvcpus demo 2 --live"
 if watch_live cpus '[ "$v" = 2 ]' 90; then
   ok setvcpus.guest "the guest has 2 CPUs online"
 else
-  bad setvcpus.guest "the guest has $(live_value cpus) CPUs online, want 2"
+  bad setvcpus.guest "the guest has $(live_value demo cpus) CPUs online, want 2"
 fi
 step vcpucount "rvirt vcpucount demo"
 step list "rvirt list"

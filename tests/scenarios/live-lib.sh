@@ -1,11 +1,13 @@
 # Helpers for scenarios that watch a guest running tests/scenarios/live-guest.sh (its RVIRT-LIVE
-# lines on a console captured in /tmp/NAME.con), sourced after /lib/rvirt/scenario.sh. Used by
-# live-e2e.sh and bench/live (rvirt and QEMU guests alike).
+# lines on a console captured in $RVIRT_TMP/NAME.con, where daemon-lib.sh's console_on writes
+# it; RVIRT_TMP defaults to /tmp), sourced after /lib/rvirt/scenario.sh. Used by live-e2e.sh,
+# demo.sh and bench/live (rvirt and QEMU guests alike).
 
 # live_value NAME WHAT — the last value of "RVIRT-LIVE WHAT <value>" on NAME's console, from
 # whole lines only (the last line may still be arriving: "mem 4" of "mem 415016").
 live_value() {
-  head -n "$(wc -l <"/tmp/$1.con")" "/tmp/$1.con" | tr -d '\r' | sed -n "s/^RVIRT-LIVE $2 //p" | tail -n 1
+  _con=${RVIRT_TMP:-/tmp}/$1.con
+  head -n "$(wc -l <"$_con")" "$_con" | tr -d '\r' | sed -n "s/^RVIRT-LIVE $2 //p" | tail -n 1
 }
 
 # wait_live NAME WHAT TEST SECS — waits until the last "RVIRT-LIVE WHAT v" satisfies TEST

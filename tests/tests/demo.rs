@@ -45,6 +45,7 @@ fn the_demo_installs_resizes_and_shuts_down_a_guest_through_the_stack() {
         .bin("rvirt-vmm")
         .bin("rvirt-img")
         .with_file(lib.join("daemon-lib.sh"), "/scenarios/daemon-lib.sh")
+        .with_file(lib.join("live-lib.sh"), "/scenarios/live-lib.sh")
         .with_file(lib.join("live-guest.sh"), "/scenarios/live-guest.sh")
         .timeout(Duration::from_secs(600));
     let out = TestHost::run(&scenario).expect("test host run");
