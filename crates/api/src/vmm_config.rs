@@ -56,10 +56,11 @@ fn yes() -> bool {
     true
 }
 
-/// Direct kernel boot (firmware boot comes with the firmware work).
+/// How the VM boots: a kernel loaded by the VMM, or firmware from the reset vector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
 pub enum BootConfig {
+    /// Direct kernel boot.
     Kernel {
         /// ELF vmlinux (PVH entry or 64-bit boot protocol) or bzImage.
         kernel: PathBuf,
@@ -67,6 +68,17 @@ pub enum BootConfig {
         initrd: Option<PathBuf>,
         #[serde(default)]
         cmdline: String,
+    },
+    /// Firmware boot on the q35-like platform: the vCPUs start at the reset vector in
+    /// `firmware`, mapped read-only so that it ends at 4 GiB (SeaBIOS `bios-256k.bin`, OVMF
+    /// `OVMF_CODE_4M.fd`).
+    Firmware {
+        /// The firmware code image (a multiple of 4 KiB, at most 16 MiB).
+        firmware: PathBuf,
+        /// The UEFI variable store (a per-VM copy of `OVMF_VARS_4M.fd`), mapped as CFI flash
+        /// just below the code image; writes go to this file.
+        #[serde(default)]
+        nvram: Option<PathBuf>,
     },
 }
 

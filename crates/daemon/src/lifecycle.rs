@@ -993,6 +993,7 @@ mod tests {
             BootConfig::Kernel { cmdline, .. } => {
                 assert_eq!(cmdline, "console=ttyS0 reboot=k panic=1")
             }
+            other => panic!("a kernel boot, not {other:?}"),
         }
     }
 

@@ -209,6 +209,48 @@ fn poweroff(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// A 1 MiB disk image whose first sector is an MBR boot sector (16-bit real mode, loaded at 0x7C00
+/// by a BIOS) that prints `msg` on COM1 and powers off via ACPI S5 (0x3400 to port 0x604,
+/// where rvirt's PM block stays whatever the firmware writes to PMBASE).
+pub fn mbr_hello(msg: &str) -> Result<GuestImage, Error> {
+    const MBR_ADDR: u64 = 0x7c00;
+    let mut a = CodeAssembler::new(16)?;
+    // The message sits at a fixed offset of the sector (labels cannot be 16-bit immediates).
+    const TEXT: usize = 0x100;
+    let mut next = a.create_label();
+    let mut done = a.create_label();
+    let mut halt = a.create_label();
+    a.cli()?;
+    a.xor(ax, ax)?;
+    a.mov(ds, ax)?;
+    a.mov(si, (MBR_ADDR as usize + TEXT) as u32)?;
+    a.mov(dx, 0x3f8u32)?;
+    a.set_label(&mut next)?;
+    a.lodsb()?;
+    a.test(al, al)?;
+    a.jz(done)?;
+    a.out(dx, al)?;
+    a.jmp(next)?;
+    a.set_label(&mut done)?;
+    a.mov(dx, 0x604u32)?;
+    a.mov(ax, 0x3400u32)?;
+    a.out(dx, ax)?;
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    let mut sector = a.assemble(MBR_ADDR)?;
+    assert!(sector.len() <= TEXT, "boot code too large");
+    assert!(msg.len() < 446 - TEXT, "message too long for an MBR");
+    sector.resize(TEXT, 0);
+    sector.extend_from_slice(msg.as_bytes());
+    sector.resize(512, 0);
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    // SeaBIOS refuses a one-sector drive (its CHS geometry comes out empty).
+    sector.resize(1 << 20, 0);
+    GuestImage::from_bytes(&sector)
+}
+
 /// Pokes the boot-timer port, prints "hello from guest\n" on COM1, powers off via ACPI S5.
 pub fn serial_hello() -> Result<GuestImage, Error> {
     let code = assemble(|a, d| {

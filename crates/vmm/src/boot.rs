@@ -24,6 +24,9 @@ pub enum BootEntry {
     Pvh { entry: u64 },
     /// Linux 64-bit boot protocol: long mode, RSI = zero page.
     Linux64 { entry: u64 },
+    /// Firmware: KVM's reset state (real mode, CS base 0xFFFF_0000, IP 0xFFF0: the reset
+    /// vector at the top of the firmware image), MTRRs off as after a power-on.
+    Firmware,
 }
 
 /// Create guest RAM.
@@ -76,7 +79,10 @@ pub fn load(cfg: &VmConfig, mem: &GuestMem, rsdp: Option<u64>) -> Result<BootEnt
         kernel: kpath,
         initrd: initrd_path,
         cmdline,
-    } = &cfg.boot;
+    } = &cfg.boot
+    else {
+        bail!("a firmware boot has no kernel to load");
+    };
     let mut f = File::open(kpath).with_context(|| {
         format!(
             "--kernel {}: cannot open; check the path and permissions",

@@ -21,6 +21,8 @@ pub type SerialMode = SerialConfig;
 /// Flags that describe the VM: `--config` replaces all of them.
 const VM_FLAGS: &[&str] = &[
     "kernel",
+    "firmware",
+    "nvram",
     "initrd",
     "cmdline",
     "memory",
@@ -64,8 +66,16 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
     pub config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux (PVH entry or 64-bit boot protocol) or bzImage.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "firmware"], conflicts_with = "firmware")]
     pub kernel: Option<PathBuf>,
+    /// Boot firmware instead of a kernel: a code image mapped read-only so that it ends at
+    /// 4 GiB (SeaBIOS bios-256k.bin, OVMF_CODE_4M.fd); the vCPUs start at its reset vector.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["initrd", "cmdline"])]
+    pub firmware: Option<PathBuf>,
+    /// The UEFI variable store for --firmware (a per-VM copy of OVMF_VARS_4M.fd): CFI flash
+    /// just below the code image, written through to this file.
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    pub nvram: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -313,10 +323,20 @@ pub fn load_config(path: &Path) -> Result<VmConfig> {
 }
 
 fn config_from_flags(a: &Args) -> Result<VmConfig> {
-    let kernel = a
-        .kernel
-        .clone()
-        .context("--kernel is required (or give the whole VM with --config FILE)")?;
+    let boot = match (&a.kernel, &a.firmware) {
+        (_, Some(firmware)) => BootConfig::Firmware {
+            firmware: firmware.clone(),
+            nvram: a.nvram.clone(),
+        },
+        (Some(kernel), None) => BootConfig::Kernel {
+            kernel: kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+        },
+        (None, None) => {
+            bail!("--kernel or --firmware is required (or give the whole VM with --config FILE)")
+        }
+    };
     let (balloon, current) = match &a.balloon {
         Some(spec) => {
             let (b, c) = parse_balloon(spec)?;
@@ -330,11 +350,7 @@ fn config_from_flags(a: &Args) -> Result<VmConfig> {
     };
     Ok(VmConfig {
         name: a.name.clone(),
-        boot: BootConfig::Kernel {
-            kernel,
-            initrd: a.initrd.clone(),
-            cmdline: a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-        },
+        boot,
         memory: MemoryConfig {
             size,
             current,
@@ -376,11 +392,20 @@ pub fn from_args(a: &Args) -> Result<VmConfig> {
 /// Checks a configuration, whichever front end built it. Each error names the setting as both
 /// spell it (JSON field, flag) and says what to do.
 pub fn validate(cfg: &VmConfig) -> Result<()> {
-    let BootConfig::Kernel {
-        kernel,
-        initrd,
-        cmdline,
-    } = &cfg.boot;
+    match &cfg.boot {
+        BootConfig::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => validate_kernel(kernel, initrd.as_deref(), cmdline)?,
+        BootConfig::Firmware { firmware, nvram } => {
+            crate::firmware::check_images(firmware, nvram.as_deref())?
+        }
+    }
+    validate_machine(cfg)
+}
+
+fn validate_kernel(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<()> {
     if !kernel.is_file() {
         bail!(
             "kernel {} (boot.kernel, --kernel): no such file; give the path of a vmlinux (ELF) or bzImage",
@@ -405,7 +430,10 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
     if cmdline.contains('\0') {
         bail!("the kernel command line (boot.cmdline, --cmdline) contains a NUL byte; remove it");
     }
+    Ok(())
+}
 
+fn validate_machine(cfg: &VmConfig) -> Result<()> {
     let boot = cfg.cpus.boot;
     if boot == 0 {
         bail!("--cpus 0 (cpus.boot): a VM needs at least one vCPU");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use rvirt_api::vmm::DeviceStats;
-use rvirt_devices::pci::{PciBus, PciWindows};
+use rvirt_devices::pci::{q35, Ich9Lpc, PciBus, PciWindows, Q35Host};
 use rvirt_devices::virtio::{self, PauseGate, VirtioPciDevice};
 use rvirt_devices::{IoEventRegistry, MsiRouting};
 
@@ -38,6 +38,7 @@ struct VirtioEntry {
 
 /// Every device of one VM.
 pub struct DeviceManager {
+    machine: Machine,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: Arc<PciBus>,
@@ -66,6 +67,7 @@ impl DeviceManager {
     /// written for `boot`/`max` vCPUs expect.
     pub fn new(
         vm: &Vm,
+        machine: Machine,
         ram: u64,
         (boot, max): (u32, u32),
         com1: Arc<Mutex<Com1>>,
@@ -112,13 +114,29 @@ impl DeviceManager {
         let routing: Arc<dyn MsiRouting> =
             Arc::new(Routing::new(vm.fd.clone()).map_err(|e| anyhow::anyhow!("GSI routing: {e}"))?);
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(IoEvents { vm: vm.fd.clone() });
-        let m64 = pci_mmio64_start(ram);
-        let pci = Arc::new(PciBus::new(PciWindows {
-            mmio32: PCI_MMIO32,
+        let m64 = machine.mmio64_start(ram);
+        let windows = PciWindows {
+            mmio32: machine.mmio32(),
             mmio64: m64..m64 + PCI_MMIO64_SIZE,
             io: PCI_IO,
-        }));
+        };
+        let pci = match machine {
+            Machine::Direct => Arc::new(PciBus::new(windows)),
+            Machine::Q35 => {
+                // The chipset functions firmware identifies the platform by (see
+                // rvirt_devices::pci::q35); Linux ignores them.
+                let host = Q35Host::new(machine.ecam_base());
+                let bus = PciBus::with_host_bridge(windows, Arc::new(Mutex::new(host)));
+                bus.add_device_at(
+                    q35::LPC_SLOT,
+                    Arc::new(Mutex::new(Ich9Lpc::new(ports::PM1A_EVT))),
+                )
+                .context("ICH9 LPC bridge")?;
+                Arc::new(bus)
+            }
+        };
         Ok(DeviceManager {
+            machine,
             pio,
             mmio: Arc::new(Bus::new()),
             pci,
@@ -143,7 +161,18 @@ impl DeviceManager {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
             pci: self.pci.clone(),
+            ecam_base: self.machine.ecam_base(),
         }
+    }
+
+    /// The port I/O bus, for platform devices a boot mode adds (fw_cfg).
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The MMIO bus, for platform devices a boot mode adds (the flash variable store).
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
     }
 
     /// Held closed while the VM is paused: device workers leave guest memory alone.

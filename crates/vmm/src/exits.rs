@@ -11,13 +11,15 @@ use rvirt_api::vmm::ExitReason;
 use rvirt_devices::pci::PciBus;
 
 use crate::bus::Bus;
-use crate::layout::{ECAM_BASE, ECAM_SIZE};
+use crate::layout::ECAM_SIZE;
 
 /// The buses a vCPU exit can reach.
 pub struct ExitHandler {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub pci: Arc<PciBus>,
+    /// Where the ECAM window starts (the machine's layout).
+    pub ecam_base: u64,
 }
 
 impl ExitHandler {
@@ -35,15 +37,15 @@ impl ExitHandler {
                 }
             }
             VcpuExit::MmioRead(addr, data) => {
-                if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
-                    self.pci.ecam_read(addr - ECAM_BASE, data);
+                if (self.ecam_base..self.ecam_base + ECAM_SIZE).contains(&addr) {
+                    self.pci.ecam_read(addr - self.ecam_base, data);
                 } else if !self.mmio.read(addr, data) && !self.pci.mmio_read(addr, data) {
                     data.fill(0xff);
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
-                if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
-                    self.pci.ecam_write(addr - ECAM_BASE, data);
+                if (self.ecam_base..self.ecam_base + ECAM_SIZE).contains(&addr) {
+                    self.pci.ecam_write(addr - self.ecam_base, data);
                 } else if !self.mmio.write(addr, data) {
                     self.pci.mmio_write(addr, data);
                 }

@@ -104,12 +104,89 @@ pub fn pci_mmio64_start(ram: u64) -> u64 {
     top.div_ceil(1 << 30) * (1 << 30)
 }
 
-/// Guest RAM regions (start, size) for `ram` bytes.
+/// Guest RAM regions (start, size) for `ram` bytes (direct kernel boot's layout).
 pub fn ram_regions(ram: u64) -> Vec<(u64, u64)> {
-    if ram <= LOW_RAM_END {
-        vec![(0, ram)]
-    } else {
-        vec![(0, LOW_RAM_END), (HIGH_RAM_START, ram - LOW_RAM_END)]
+    Machine::Direct.ram_regions(ram)
+}
+
+/// The two platforms rvirt-vmm builds. Direct kernel boot keeps its own compact layout (the
+/// kernel reads it from e820/ACPI); firmware boot gets the addresses Debian's OVMF and SeaBIOS
+/// are built for on QEMU's q35, because they program the chipset to those values themselves
+/// (PCIEXBAR = 0xB000_0000) and assume RAM below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// Direct kernel boot: RAM up to 3 GiB, ECAM at 0xE000_0000.
+    Direct,
+    /// Firmware boot, QEMU q35's map: RAM up to 0xB000_0000 (0x8000_0000 when the VM has at
+    /// least that much, as QEMU does, leaving a larger 32-bit hole), ECAM at 0xB000_0000,
+    /// 32-bit PCI from 0xC000_0000 to the IOAPIC, KVM's TSS out of the flash window.
+    Q35,
+}
+
+/// q35's ECAM base (the PCIEXBAR value the firmware programs).
+pub const Q35_ECAM_BASE: u64 = 0xb000_0000;
+/// q35's 32-bit PCI window: after the ECAM up to the IOAPIC.
+pub const Q35_PCI_MMIO32: std::ops::Range<u64> = 0xc000_0000..0xfec0_0000;
+/// KVM's TSS (3 pages) and identity map page on q35: below the 16 MiB the firmware image
+/// may occupy under 4 GiB, as QEMU places them.
+pub const Q35_TSS_ADDR: u64 = 0xfeff_c000;
+/// The KVM identity map page on q35 (one page, after the TSS).
+pub const Q35_IDENTITY_MAP: u64 = 0xfeff_f000;
+/// Largest firmware image (code + variable store) mapped under 4 GiB.
+pub const FIRMWARE_MAX: u64 = 16 << 20;
+
+impl Machine {
+    /// Where RAM below 4 GiB ends for a VM with `ram` bytes.
+    pub fn low_ram_end(self, ram: u64) -> u64 {
+        let end = match self {
+            Machine::Direct => LOW_RAM_END,
+            Machine::Q35 if ram >= Q35_ECAM_BASE => 0x8000_0000,
+            Machine::Q35 => Q35_ECAM_BASE,
+        };
+        ram.min(end)
+    }
+
+    /// Guest RAM regions (start, size) for `ram` bytes.
+    pub fn ram_regions(self, ram: u64) -> Vec<(u64, u64)> {
+        let low = self.low_ram_end(ram);
+        if ram <= low {
+            vec![(0, ram)]
+        } else {
+            vec![(0, low), (HIGH_RAM_START, ram - low)]
+        }
+    }
+
+    /// The ECAM base.
+    pub fn ecam_base(self) -> u64 {
+        match self {
+            Machine::Direct => ECAM_BASE,
+            Machine::Q35 => Q35_ECAM_BASE,
+        }
+    }
+
+    /// The 32-bit PCI window.
+    pub fn mmio32(self) -> std::ops::Range<u64> {
+        match self {
+            Machine::Direct => PCI_MMIO32,
+            Machine::Q35 => Q35_PCI_MMIO32,
+        }
+    }
+
+    /// KVM's TSS address.
+    pub fn tss_addr(self) -> u64 {
+        match self {
+            Machine::Direct => TSS_ADDR,
+            Machine::Q35 => Q35_TSS_ADDR,
+        }
+    }
+
+    /// Start of the 64-bit PCI window: after the top of RAM, aligned to 1 GiB.
+    pub fn mmio64_start(self, ram: u64) -> u64 {
+        let top = match self.ram_regions(ram).as_slice() {
+            [_, (s, l)] => s + l,
+            _ => HIGH_RAM_START,
+        };
+        top.div_ceil(1 << 30) * (1 << 30)
     }
 }
 
@@ -123,5 +200,27 @@ mod tests {
         assert_eq!(ram_regions(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(pci_mmio64_start(512 << 20), 4 << 30);
         assert_eq!(pci_mmio64_start(4 << 30), 5 << 30);
+        assert_eq!(Machine::Direct.mmio64_start(4 << 30), 5 << 30);
+    }
+
+    #[test]
+    fn q35_keeps_ram_below_the_ecam() {
+        let q = Machine::Q35;
+        assert_eq!(q.ram_regions(512 << 20), vec![(0, 512 << 20)]);
+        // Up to 2.75 GiB fits below the ECAM.
+        assert_eq!(q.ram_regions(0xb000_0000 - 1).len(), 1);
+        // From 2.75 GiB on the split moves to 2 GiB, as QEMU's q35.
+        assert_eq!(
+            q.ram_regions(3 << 30),
+            vec![(0, 2 << 30), (4 << 30, 1 << 30)]
+        );
+        for ram in [64 << 20, 0xb000_0000, 8 << 30] {
+            for (s, l) in q.ram_regions(ram) {
+                let r = s..s + l;
+                assert!(!r.contains(&Q35_ECAM_BASE) && !r.contains(&Q35_TSS_ADDR));
+            }
+        }
+        assert!(Q35_TSS_ADDR + 0x4000 <= (4u64 << 30) - FIRMWARE_MAX);
+        assert_eq!(q.mmio64_start(3 << 30), 5 << 30);
     }
 }

@@ -16,6 +16,7 @@ pub mod control;
 pub mod cpuid;
 pub mod device_manager;
 pub mod exits;
+pub mod firmware;
 pub mod hotplug;
 pub mod interrupts;
 pub mod layout;

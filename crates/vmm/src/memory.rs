@@ -12,7 +12,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::boot::GuestMem;
-use crate::layout::ram_regions;
+use crate::layout::Machine;
 
 /// Size of the huge pages `<hugepages/>` uses (the x86 default).
 const HUGE_PAGE: u64 = 2 << 20;
@@ -50,8 +50,8 @@ fn memfd(size: u64, huge: bool) -> Result<File> {
     Ok(f)
 }
 
-/// Creates `ram` bytes of guest memory backed as `backing` asks.
-pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> {
+/// Creates `ram` bytes of guest memory, laid out for `machine`, backed as `backing` asks.
+pub fn create(machine: Machine, ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> {
     if backing.hugepages {
         if !ram.is_multiple_of(HUGE_PAGE) {
             bail!(
@@ -86,7 +86,7 @@ pub fn create(ram: u64, backing: &MemoryBacking) -> Result<(GuestMem, Applied)> 
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let (mut ksm_all, mut thp_all) = (true, true);
-    for (start, len) in ram_regions(ram) {
+    for (start, len) in machine.ram_regions(ram) {
         let mut b = MmapRegionBuilder::new(len as usize)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn anonymous_ram_is_private_and_offered_to_ksm() {
-        let (mem, a) = create(32 << 20, &MemoryBacking::default()).unwrap();
+        let (mem, a) = create(Machine::Direct, 32 << 20, &MemoryBacking::default()).unwrap();
         assert_eq!(a.source, "anonymous");
         assert!(!a.shared && a.ksm);
         let r = mem.iter().next().unwrap();
@@ -207,7 +207,7 @@ mod tests {
             nosharepages: true,
             ..Default::default()
         };
-        let (mem, a) = create(16 << 20, &b).unwrap();
+        let (mem, a) = create(Machine::Direct, 16 << 20, &b).unwrap();
         assert!(!a.ksm);
         let flags = vm_flags(mem.iter().next().unwrap().as_ptr() as u64);
         assert!(!flags.contains(" mg"), "KSM flag in {flags:?}");
@@ -222,7 +222,7 @@ mod tests {
         };
         // Over 3 GiB: two regions at different offsets of the same memfd; nothing is touched,
         // so no memory is used.
-        let (mem, a) = create((3 << 30) + (64 << 20), &b).unwrap();
+        let (mem, a) = create(Machine::Direct, (3 << 30) + (64 << 20), &b).unwrap();
         assert_eq!((a.source.as_str(), a.shared), ("memfd", true));
         let regions: Vec<_> = mem.iter().collect();
         assert_eq!(regions.len(), 2);
@@ -257,12 +257,16 @@ mod tests {
             eprintln!("skipped: this host has huge pages reserved");
             return;
         }
-        let e = create(16 << 20, &b).unwrap_err().to_string();
+        let e = create(Machine::Direct, 16 << 20, &b)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("huge pages") && e.contains("nr_hugepages"),
             "{e}"
         );
-        let e = create((16 << 20) + 4096, &b).unwrap_err().to_string();
+        let e = create(Machine::Direct, (16 << 20) + 4096, &b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("multiple of the 2 MiB"), "{e}");
     }
 }

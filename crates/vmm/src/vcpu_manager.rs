@@ -165,7 +165,7 @@ impl VcpuManager {
                     .vm
                     .create_vcpu(u64::from(id))
                     .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
-                vcpu::setup_vcpu(&self.setup.kvm, &fd, id, self.setup.max)
+                vcpu::setup_vcpu(&self.setup.kvm, &fd, id, self.setup.max, self.setup.entry)
                     .with_context(|| format!("setting up vcpu{id}"))?;
                 if id == 0 {
                     vcpu::setup_boot_regs(&fd, self.setup.entry)?;

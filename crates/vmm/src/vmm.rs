@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rvirt_api::vmm::{BalloonStats, Event, ExitReason, Request, Response, RunState, VcpuThread};
 
-use crate::cli::VmConfig;
+use crate::cli::{BootConfig, VmConfig};
 use crate::console::Console;
 use crate::device_manager::DeviceManager;
+use crate::layout::Machine;
 use crate::messages::{self, VmmMessage};
 use crate::signals::QuitSignals;
 use crate::vcpu_manager::{VcpuManager, VcpuSetup};
@@ -49,20 +50,46 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             .with_context(|| format!("emulator_affinity {cpus:?}: cannot pin the VMM thread"))?;
     }
     let (boot_cpus, max_cpus, ram) = (cfg.cpus.boot, cfg.cpus.max(), cfg.memory.size);
-    let vm = Vm::new(max_cpus, ram, &cfg.memory.backing)?;
-    boot::write_boot_structures(&vm.mem)?;
-    // ACPI PCI hotplug is always on, as on QEMU's machines; vCPU hotplug when max > boot.
-    let rsdp = crate::acpi::write_tables(
-        &vm.mem,
-        &crate::acpi::AcpiConfig {
-            boot_vcpus: boot_cpus,
-            max_vcpus: max_cpus,
-            ram,
-            pci_hotplug: true,
-        },
-    )
-    .context("writing ACPI tables")?;
-    let entry = boot::load(&cfg, &vm.mem, Some(rsdp))?;
+    let machine = match &cfg.boot {
+        BootConfig::Kernel { .. } => Machine::Direct,
+        BootConfig::Firmware { .. } => Machine::Q35,
+    };
+    let vm = Vm::new(machine, max_cpus, ram, &cfg.memory.backing)?;
+    // The firmware's code mapping lives as long as the VM (dropped after `vm` below).
+    let (entry, firmware) = match &cfg.boot {
+        BootConfig::Kernel { .. } => {
+            boot::write_boot_structures(&vm.mem)?;
+            // ACPI PCI hotplug is always on, as on QEMU's machines; vCPU hotplug when
+            // max > boot.
+            let rsdp = crate::acpi::write_tables(
+                &vm.mem,
+                &crate::acpi::AcpiConfig {
+                    boot_vcpus: boot_cpus,
+                    max_vcpus: max_cpus,
+                    ram,
+                    pci_hotplug: true,
+                },
+            )
+            .context("writing ACPI tables")?;
+            (boot::load(&cfg, &vm.mem, Some(rsdp))?, None)
+        }
+        BootConfig::Firmware { firmware, nvram } => {
+            if let Some(n) = nvram {
+                anyhow::bail!(
+                    "--nvram {} (boot.nvram): the flash variable store is not available in this build yet; boot without it (OVMF then keeps variables in RAM until power-off)",
+                    n.display()
+                );
+            }
+            let image = crate::firmware::map_code(&vm.fd, &vm.mem, firmware)?;
+            log::info!(
+                "firmware {} mapped at {:#x} ({} KiB)",
+                image.path.display(),
+                image.base,
+                image.size >> 10
+            );
+            (boot::BootEntry::Firmware, Some(image))
+        }
+    };
 
     let (mailbox, inbox) = messages::mailbox();
     vcpu::install_kick_handler()?;
@@ -70,6 +97,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let console = Console::open(&cfg.serial, vm.irqfd(4, "COM1")?, &mailbox)?;
     let mut devices = DeviceManager::new(
         &vm,
+        machine,
         ram,
         (boot_cpus, max_cpus),
         console.com1.clone(),
@@ -88,6 +116,27 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         devices.add_balloon(b, ram, cfg.memory.current.unwrap_or(ram))?;
     }
     devices.cold_plugged()?;
+    if firmware.is_some() {
+        let fw_cfg = crate::firmware::fw_cfg(&vm.mem, ram, (boot_cpus, max_cpus))?;
+        devices
+            .pio_bus()
+            .insert(
+                u64::from(crate::legacy::fw_cfg::PORT_BASE),
+                crate::legacy::fw_cfg::PORT_LEN,
+                std::sync::Arc::new(std::sync::Mutex::new(fw_cfg)),
+            )
+            .context("fw_cfg")?;
+        devices
+            .pio_bus()
+            .insert(
+                u64::from(crate::legacy::debugcon::PORT),
+                1,
+                std::sync::Arc::new(std::sync::Mutex::new(
+                    crate::legacy::debugcon::DebugCon::default(),
+                )),
+            )
+            .context("firmware debug console")?;
+    }
 
     let mut affinity = vec![None; max_cpus as usize];
     for a in &cfg.vcpu_affinity {
@@ -153,6 +202,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     drop(console);
     drop(signals);
     drop(vm);
+    drop(firmware);
     Ok(reason)
 }
 

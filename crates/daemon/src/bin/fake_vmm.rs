@@ -150,19 +150,25 @@ fn main() {
                     .unwrap_or_else(|e| fail(&format!("--config {val}: {e}")));
                 let cfg: rvirt_api::vmm_config::VmConfig = serde_json::from_str(&text)
                     .unwrap_or_else(|e| fail(&format!("--config {val}: {e}")));
-                let rvirt_api::vmm_config::BootConfig::Kernel {
-                    kernel,
-                    initrd,
-                    cmdline: c,
-                } = &cfg.boot;
-                exists_or_fail(kernel, "kernel");
-                if let Some(i) = initrd {
-                    exists_or_fail(i, "initrd");
+                match &cfg.boot {
+                    rvirt_api::vmm_config::BootConfig::Kernel {
+                        kernel,
+                        initrd,
+                        cmdline: c,
+                    } => {
+                        exists_or_fail(kernel, "kernel");
+                        if let Some(i) = initrd {
+                            exists_or_fail(i, "initrd");
+                        }
+                        cmdline = c.clone();
+                    }
+                    rvirt_api::vmm_config::BootConfig::Firmware { firmware, .. } => {
+                        exists_or_fail(firmware, "firmware");
+                    }
                 }
                 for d in &cfg.disks {
                     exists_or_fail(&d.path, "disk");
                 }
-                cmdline = c.clone();
                 name = cfg.name.clone();
                 vcpus = cfg.cpus.boot;
                 memory = cfg.memory.size;
@@ -510,6 +516,7 @@ fn no_eject() -> bool {
         || std::env::args().any(|a| in_cmdline(&a))
         || config_file().is_some_and(|c| match &c.boot {
             rvirt_api::vmm_config::BootConfig::Kernel { cmdline, .. } => in_cmdline(cmdline),
+            rvirt_api::vmm_config::BootConfig::Firmware { .. } => false,
         })
 }
 

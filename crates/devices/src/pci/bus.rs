@@ -100,8 +100,13 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PciBus {
-    /// A bus with the host bridge at slot 0; BARs are allocated from `windows`.
+    /// A bus with the generic host bridge at slot 0; BARs are allocated from `windows`.
     pub fn new(windows: PciWindows) -> Self {
+        Self::with_host_bridge(windows, Arc::new(Mutex::new(HostBridge::new())))
+    }
+
+    /// A bus with `bridge` (e.g. the q35 MCH) at slot 0.
+    pub fn with_host_bridge(windows: PciWindows, bridge: SharedDevice) -> Self {
         let bus = PciBus {
             inner: RwLock::new(BusInner {
                 slots: vec![None; NUM_SLOTS],
@@ -114,7 +119,6 @@ impl PciBus {
             windows,
             config_address: AtomicU32::new(0),
         };
-        let bridge: SharedDevice = Arc::new(Mutex::new(HostBridge::new()));
         bus.write_inner().slots[0] = Some(bridge);
         bus
     }
@@ -130,12 +134,35 @@ impl PciBus {
     /// Adds a device at the first free slot, allocates and programs its BARs, enables its
     /// decoding (as firmware would) and calls [`PciDevice::bars_assigned`].
     pub fn add_device(&self, device: SharedDevice) -> Result<PciAddress, PciError> {
+        self.add_device_in(None, device)
+    }
+
+    /// Adds a device at `slot` (a chipset function with a fixed address, e.g. the LPC bridge
+    /// at 00:1f.0), as [`PciBus::add_device`] does otherwise.
+    pub fn add_device_at(&self, slot: u8, device: SharedDevice) -> Result<PciAddress, PciError> {
+        self.add_device_in(Some(slot), device)
+    }
+
+    fn add_device_in(
+        &self,
+        want: Option<u8>,
+        device: SharedDevice,
+    ) -> Result<PciAddress, PciError> {
         let mut inner = self.write_inner();
-        let slot = inner
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::BusFull)?;
+        let slot = match want {
+            Some(s) => {
+                let s = usize::from(s);
+                if s == 0 || s >= NUM_SLOTS || inner.slots[s].is_some() {
+                    return Err(PciError::SlotTaken(s as u8));
+                }
+                s
+            }
+            None => inner
+                .slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(PciError::BusFull)?,
+        };
         {
             let mut dev = lock(&device);
             let ranges = Self::allocate_bars(&mut inner, &mut *dev)?;

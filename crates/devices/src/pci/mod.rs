@@ -5,11 +5,13 @@ mod bus;
 pub mod config;
 mod host_bridge;
 pub mod msix;
+pub mod q35;
 
 pub use bus::{PciAddress, PciBus, PciWindows, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT};
 pub use config::{BarKind, BarSpec, ConfigWriteEffect, PciConfigSpace, PciIds, NUM_BARS};
 pub use host_bridge::HostBridge;
 pub use msix::MsixState;
+pub use q35::{Ich9Lpc, Q35Host};
 
 use crate::interrupt::InterruptError;
 
@@ -19,6 +21,9 @@ pub enum PciError {
     /// Every device slot of bus 0 is taken.
     #[error("PCI bus 0 has no free slot left (32 devices at most)")]
     BusFull,
+    /// A fixed slot asked for is taken, the host bridge's or past the bus.
+    #[error("PCI slot {0} is not free")]
+    SlotTaken(u8),
     /// No device sits in that slot (or it is the host bridge, which cannot be removed).
     #[error("PCI slot {0} holds no removable device")]
     NoDevice(u8),

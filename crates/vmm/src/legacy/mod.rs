@@ -6,6 +6,7 @@
 
 pub mod boot_timer;
 pub mod cmos;
+pub mod debugcon;
 pub mod fw_cfg;
 pub mod pm;
 pub mod reset;

@@ -76,6 +76,10 @@ fn segment(selector: u16, code: bool, long: bool) -> kvm_segment {
 }
 
 pub fn setup_boot_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<()> {
+    if entry == BootEntry::Firmware {
+        // The firmware starts from the architectural reset state KVM gives a new vCPU.
+        return Ok(());
+    }
     let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
     let long = matches!(entry, BootEntry::Linux64 { .. });
     let code = if long {
@@ -122,6 +126,7 @@ pub fn setup_boot_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<()> {
             regs.rsp = 0x8ff0;
             regs.rbp = 0x8ff0;
         }
+        BootEntry::Firmware => {}
     }
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
@@ -161,22 +166,25 @@ fn set_lint(vcpu: &VcpuFd) -> Result<()> {
     Ok(())
 }
 
-pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u32, ncpus: u32) -> Result<()> {
+/// CPUID, MSRs, FPU and LAPIC LINT pins of vCPU `id` of `ncpus`. A kernel booted directly
+/// gets MTRRs enabled with write-back as default (nobody else would program them); firmware
+/// finds them off as after power-on, as OVMF's memory init expects, and programs them itself.
+pub fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u32, ncpus: u32, entry: BootEntry) -> Result<()> {
     let cpuid = patch_cpuid(kvm, id, ncpus)?;
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
-    let msrs = Msrs::from_entries(&[
-        kvm_msr_entry {
-            index: 0x1a0, // IA32_MISC_ENABLE: fast strings
-            data: 1,
-            ..Default::default()
-        },
-        kvm_msr_entry {
+    let mut entries = vec![kvm_msr_entry {
+        index: 0x1a0, // IA32_MISC_ENABLE: fast strings
+        data: 1,
+        ..Default::default()
+    }];
+    if entry != BootEntry::Firmware {
+        entries.push(kvm_msr_entry {
             index: 0x2ff, // MTRRdefType: enabled, default write-back
             data: (1 << 11) | 6,
             ..Default::default()
-        },
-    ])
-    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
+        });
+    }
+    let msrs = Msrs::from_entries(&entries).map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
     vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
     let fpu = kvm_fpu {
         fcw: 0x37f,

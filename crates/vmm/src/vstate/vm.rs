@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use rvirt_api::vmm_config::MemoryBacking;
 
 use crate::boot::GuestMem;
-use crate::layout::TSS_ADDR;
+use crate::layout::Machine;
 
 /// A KVM VM with its memory.
 pub struct Vm {
@@ -26,7 +26,12 @@ pub struct Vm {
 impl Vm {
     /// Opens /dev/kvm, creates the VM (irqchip, PIT, TSS) for up to `max_vcpus` vCPUs and
     /// `ram` bytes of guest memory backed as `backing` says, and registers the memory.
-    pub fn new(max_vcpus: u32, ram: u64, backing: &MemoryBacking) -> Result<Self> {
+    pub fn new(
+        machine: Machine,
+        max_vcpus: u32,
+        ram: u64,
+        backing: &MemoryBacking,
+    ) -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| {
             anyhow::anyhow!(
                 "cannot open /dev/kvm ({e}): load the kvm module (kvm_intel/kvm_amd) and check the permissions of /dev/kvm"
@@ -37,15 +42,21 @@ impl Vm {
             bail!("--cpus {max_vcpus}: this host's KVM allows at most {max} vCPUs");
         }
         let fd = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-        fd.set_tss_address(TSS_ADDR as usize)
+        fd.set_tss_address(machine.tss_addr() as usize)
             .context("KVM_SET_TSS_ADDR")?;
+        if machine == Machine::Q35 {
+            // KVM puts its identity map page just below the TSS unless told; on q35 that is
+            // still outside the firmware window, but say where, as QEMU does.
+            fd.set_identity_map_address(crate::layout::Q35_IDENTITY_MAP)
+                .context("KVM_SET_IDENTITY_MAP_ADDR")?;
+        }
         fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         })
         .context("KVM_CREATE_PIT2")?;
-        let (mem, applied) = crate::memory::create(ram, backing)?;
+        let (mem, applied) = crate::memory::create(machine, ram, backing)?;
         log::debug!("guest RAM: {applied:?}");
         register_memory(&fd, &mem)?;
         Ok(Vm {
