@@ -76,7 +76,11 @@ impl DeviceManager {
         let sci = vm.irqfd(9, "the ACPI SCI")?;
         let pm = Arc::new(Mutex::new(Pm::new(Some(sci), mailbox.clone())));
         let pio = Arc::new(Bus::new());
-        legacy::install(&pio, com1, pm.clone(), (ram, boot), mailbox)
+        let kbd_irqs = (
+            vm.irqfd(1, "the i8042 keyboard")?,
+            vm.irqfd(12, "the i8042 aux port")?,
+        );
+        legacy::install(&pio, com1, pm.clone(), (ram, boot), kbd_irqs, mailbox)
             .context("platform devices")?;
         let ged = Arc::new(Mutex::new(Ged::with_eventfd(
             vm.irqfd(GED_GSI, "the ACPI GED")?,

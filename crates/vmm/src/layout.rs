@@ -65,6 +65,18 @@ pub mod ports {
     pub const PM1A_EVT: u16 = 0x600;
     /// ACPI PM1a control block (16 bits).
     pub const PM1A_CNT: u16 = 0x604;
+    /// ACPI PM timer (`legacy::pm`, 32-bit reads of a 24-bit counter).
+    pub const PM_TMR: u16 = 0x608;
+    /// ACPI GPE0 block (`legacy::pm`, 16 bytes: status 0x620–0x627, enable 0x628–0x62F).
+    pub const GPE0_BLK: u16 = 0x620;
+    /// ICH9 SMI_EN (`legacy::pm`, 32 bits, reads APMC_EN after power-on).
+    pub const SMI_EN: u16 = 0x630;
+    /// ICH9 SMI_STS (`legacy::pm`, 32 bits).
+    pub const SMI_STS: u16 = 0x634;
+    /// APM control port (`legacy::pm::Apm`; the FADT's SMI_CMD on QEMU).
+    pub const APM_CNT: u16 = 0xb2;
+    /// APM status port.
+    pub const APM_STS: u16 = 0xb3;
     /// ACPI reset register (the reset control register of the PIIX/ICH, 0xCF9).
     pub const RESET: u16 = 0xcf9;
     /// Reset value written to [`RESET`] by the FADT reset register.

@@ -1,6 +1,6 @@
-//! Ways the guest resets the machine: the reset control register at 0xCF9 (bit 2, the FADT's
-//! reset register) and the i8042 keyboard controller's reset line (command 0xFE on port 0x64).
-//! Both ask the VMM for a reboot; the i8042 otherwise answers like a controller with no keys.
+//! The reset control register at 0xCF9 (bit 2, the FADT's reset register): a write asks the
+//! VMM for a reboot. The i8042's reset line (command 0xFE on port 0x64) does the same from
+//! [`super::i8042`].
 
 use rvirt_api::vmm::ExitReason;
 
@@ -29,37 +29,6 @@ impl BusDevice for ResetControl {
     }
 }
 
-/// One port of the i8042 (data 0x60 or command 0x64).
-pub struct I8042 {
-    /// Set on the command port: the reset pulse goes here.
-    mailbox: Option<Mailbox>,
-}
-
-impl I8042 {
-    /// The data port: reads 0, writes ignored.
-    pub fn data_port() -> Self {
-        I8042 { mailbox: None }
-    }
-
-    /// The command/status port: 0xFE pulses the reset line.
-    pub fn command_port(mailbox: Mailbox) -> Self {
-        I8042 {
-            mailbox: Some(mailbox),
-        }
-    }
-}
-
-impl BusDevice for I8042 {
-    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
-
-    fn write(&mut self, _offset: u64, data: &[u8]) {
-        if let (Some(m), Some(0xfe)) = (&self.mailbox, data.first()) {
-            log::info!("i8042 reset line pulsed: reboot");
-            m.exit(ExitReason::Reboot);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,22 +42,12 @@ mod tests {
     }
 
     #[test]
-    fn reset_register_and_i8042_pulse_reboot() {
+    fn reset_register_reboots_on_bit_2() {
         let (m, rx) = mailbox();
-        let mut r = ResetControl::new(m.clone());
+        let mut r = ResetControl::new(m);
         r.write(0, &[0x02]);
         assert_eq!(exit_of(&rx), None);
         r.write(0, &[0x06]);
         assert_eq!(exit_of(&rx), Some(ExitReason::Reboot));
-        let mut cmd = I8042::command_port(m);
-        cmd.write(0, &[0xd1]);
-        assert_eq!(exit_of(&rx), None);
-        cmd.write(0, &[0xfe]);
-        assert_eq!(exit_of(&rx), Some(ExitReason::Reboot));
-        let mut data = I8042::data_port();
-        data.write(0, &[0xfe]);
-        let mut d = [0xffu8];
-        data.read(0, &mut d);
-        assert_eq!(exit_of(&rx), None);
     }
 }
