@@ -532,4 +532,4 @@ fn mode_page(pc: u8, page: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
