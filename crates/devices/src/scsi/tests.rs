@@ -717,3 +717,28 @@ fn random_cdbs_never_panic() {
         }
     }
 }
+
+#[test]
+fn disks_beyond_two_terabytes_need_read_capacity_16() {
+    let blocks = (3u64 << 40) / 512;
+    let mut d = ScsiLun::disk(Arc::new(Huge(blocks * 512)), "", false);
+    let c = good(&mut d, &rw10(0x25, 0, 0), 8);
+    assert_eq!(
+        c[0..4],
+        [0xff; 4],
+        "RC(10) saturates: the driver must use RC(16)"
+    );
+    let mut c16 = [0u8; 16];
+    c16[0] = 0x9e;
+    c16[1] = 0x10;
+    c16[13] = 32;
+    assert_eq!(good(&mut d, &c16, 32)[0..8], (blocks - 1).to_be_bytes());
+    // A read near the end of a huge disk works; a 4 GiB transfer into a small buffer does not
+    // allocate anything: it is an overrun.
+    assert_eq!(
+        good(&mut d, &rw16(0x88, blocks - 2, 2), 1024),
+        vec![0; 1024]
+    );
+    let (r, data) = run(&mut d, &rw16(0x88, 0, u32::MAX), 4096);
+    assert!(r.overrun && data.is_empty());
+}

@@ -369,6 +369,50 @@ fn control_queue_tmf_and_an() {
 }
 
 #[test]
+fn driver_sizes_cdb_and_sense() {
+    let (targets, _, _) = luns();
+    let scsi = Scsi::new(ScsiConfig {
+        targets,
+        ..Default::default()
+    })
+    .unwrap();
+    let d = TestDriver::new(Box::new(scsi));
+    d.negotiate(!0);
+    // A 16-byte CDB and 18 bytes of sense, set before DRIVER_OK; huge values are capped.
+    d.write(crate::virtio::DEVICE_CFG_OFFSET + 24, 4, 16);
+    d.write(crate::virtio::DEVICE_CFG_OFFSET + 20, 4, 18);
+    d.write(crate::virtio::DEVICE_CFG_OFFSET + 8, 4, 1);
+    assert_eq!(d.device_cfg(24, 4), 16);
+    assert_eq!(d.device_cfg(8, 4), 0xffff, "max_sectors is read-only");
+    let ctl = d.setup_queue(0, 16);
+    let _event = d.setup_queue(1, 16);
+    let req = d.setup_queue(2, 16);
+    d.driver_ok();
+    let mut h = Hba { d, ctl, req };
+    let (req_len, resp_len) = (19 + 16, 12 + 18);
+    h.header(lun(0), &rw10(0x28, 9000, 1));
+    let used = h.send(&[
+        (REQ, req_len, false),
+        (RESP, resp_len, true),
+        (IN, 512, true),
+    ]);
+    assert_eq!(used, resp_len);
+    let r = h.guest(RESP, resp_len as usize);
+    assert_eq!((r[0], r[10], r[11]), (18, 2, OK));
+    assert_eq!(
+        (r[12], r[12 + 12]),
+        (0x70, 0x21),
+        "sense right after the 12-byte header"
+    );
+    h.d.write(
+        crate::virtio::DEVICE_CFG_OFFSET + 24,
+        4,
+        u64::from(u32::MAX),
+    );
+    assert_eq!(h.d.device_cfg(24, 4), 256);
+}
+
+#[test]
 fn media_change_on_a_running_device() {
     let (targets, _, _) = luns();
     let scsi = Scsi::new(ScsiConfig {
