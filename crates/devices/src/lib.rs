@@ -50,6 +50,7 @@ pub mod interrupt;
 pub mod pci;
 #[doc(hidden)]
 pub mod ratelimit;
+pub mod scsi;
 pub mod virtio;
 
 pub use interrupt::{InterruptError, IoEventRegistry, MsiMessage, MsiRouting, MsiVector};

@@ -12,6 +12,7 @@ mod device;
 pub mod net;
 mod queue;
 pub mod rng;
+pub mod scsi;
 mod transport;
 mod worker;
 
