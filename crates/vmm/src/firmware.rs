@@ -133,11 +133,28 @@ pub fn e820(ram: u64) -> Vec<(u64, u64, u32)> {
     v
 }
 
-/// The fw_cfg device of a firmware boot: signature, CPU counts, RAM size, the e820 map and a
-/// serial console for SeaBIOS (`etc/sercon-port`: there is no display yet, so its menus and
-/// messages go to COM1, as `-nographic` users of QEMU see them).
+/// The fw_cfg device of a firmware boot: signature, CPU counts, RAM size, the e820 map, rvirt's
+/// ACPI tables through the linker/loader (the firmware installs them; without them OVMF
+/// would boot an OS with no ACPI at all), and a serial console for SeaBIOS
+/// (`etc/sercon-port`: there is no display yet, so its menus and messages go to COM1, as
+/// `-nographic` users of QEMU see them).
 pub fn fw_cfg(mem: &GuestMem, ram: u64, (boot, max): (u32, u32)) -> Result<FwCfg> {
     let mut f = FwCfg::new().with_memory(mem.clone());
+    let m64 = Machine::Q35.mmio64_start(ram);
+    let acpi = crate::acpi::firmware_blobs(
+        &crate::acpi::AcpiConfig {
+            boot_vcpus: boot,
+            max_vcpus: max,
+            ram,
+            pci_hotplug: true,
+        },
+        &crate::acpi::FirmwarePlatform::q35(m64..m64 + crate::layout::PCI_MMIO64_SIZE, false),
+    )
+    .context("building the ACPI tables for the firmware")?;
+    for (name, bytes) in acpi.files() {
+        f.add_file(name, bytes.to_vec())
+            .with_context(|| format!("fw_cfg {name}"))?;
+    }
     f.set_cpus(boot as u16, max as u16);
     f.set_ram_size(ram);
     f.set_nographic(true);

@@ -73,13 +73,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             .context("writing ACPI tables")?;
             (boot::load(&cfg, &vm.mem, Some(rsdp))?, None)
         }
-        BootConfig::Firmware { firmware, nvram } => {
-            if let Some(n) = nvram {
-                anyhow::bail!(
-                    "--nvram {} (boot.nvram): the flash variable store is not available in this build yet; boot without it (OVMF then keeps variables in RAM until power-off)",
-                    n.display()
-                );
-            }
+        BootConfig::Firmware { firmware, .. } => {
             let image = crate::firmware::map_code(&vm.fd, &vm.mem, firmware)?;
             log::info!(
                 "firmware {} mapped at {:#x} ({} KiB)",
@@ -116,6 +110,23 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         devices.add_balloon(b, ram, cfg.memory.current.unwrap_or(ram))?;
     }
     devices.cold_plugged()?;
+    // Kept to flush the variable store after the vCPUs stopped.
+    let mut nvram = None;
+    if let (Some(image), BootConfig::Firmware { nvram: Some(path), .. }) = (&firmware, &cfg.boot) {
+        let flash = crate::legacy::pflash::Pflash::open(path, false)
+            .with_context(|| format!("--nvram {} (boot.nvram)", path.display()))?;
+        // The variable store sits right below the code, as the firmware was built to expect
+        // (OVMF_VARS_4M.fd at 0xFFC00000 under the 3.5 MiB OVMF_CODE_4M.fd).
+        let base = image.base - flash.size();
+        let size = flash.size();
+        let flash = std::sync::Arc::new(std::sync::Mutex::new(flash));
+        devices
+            .mmio_bus()
+            .insert(base, size, flash.clone())
+            .context("the flash variable store")?;
+        log::info!("variable store {} at {base:#x}", path.display());
+        nvram = Some(flash);
+    }
     if firmware.is_some() {
         let fw_cfg = crate::firmware::fw_cfg(&vm.mem, ram, (boot_cpus, max_cpus))?;
         devices
@@ -201,6 +212,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     }
     drop(console);
     drop(signals);
+    if let Some(flash) = nvram {
+        if let Err(e) = flash.lock().unwrap_or_else(|e| e.into_inner()).flush() {
+            log::error!("the variable store was not flushed: {e}");
+        }
+    }
     drop(vm);
     drop(firmware);
     Ok(reason)
