@@ -25,6 +25,8 @@ fn skip() -> bool {
 fn run(args: &[&str], limit: Duration) -> (Option<i32>, String, String, Duration) {
     let mut child = Command::new(VMM)
         .args(args)
+        // SeaBIOS's own log (debugcon 0x402) shows what it found of the platform.
+        .env("RVIRT_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -85,6 +87,21 @@ fn seabios_boots_an_mbr_from_virtio_blk() {
         "stdout: {out}\nstderr: {err}"
     );
     assert_eq!(status, Some(0), "stdout: {out}\nstderr: {err}");
+    // What SeaBIOS itself reports: QEMU's q35 recognised (MCH id + subsystem), fw_cfg with DMA,
+    // both vCPUs brought up (fw_cfg NB_CPUS = CMOS = MADT), rvirt's DSDT from the
+    // table-loader parsed, the PM block where the tables say, the PS/2 controller answering.
+    for want in [
+        "Running on QEMU (q35)",
+        "QEMU fw_cfg DMA interface supported",
+        "Found 2 cpu(s) max supported 2 cpu(s)",
+        "ACPI: parse DSDT",
+        "found virtio-blk at 00:01.0",
+    ] {
+        assert!(err.contains(want), "SeaBIOS did not log {want:?}:\n{err}");
+    }
+    for bad in ["Timeout at i8042", "PMBASE", "triple fault"] {
+        assert!(!err.contains(bad), "unexpected {bad:?}:\n{err}");
+    }
 }
 
 #[test]
