@@ -112,7 +112,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     devices.cold_plugged()?;
     // Kept to flush the variable store after the vCPUs stopped.
     let mut nvram = None;
-    if let (Some(image), BootConfig::Firmware { nvram: Some(path), .. }) = (&firmware, &cfg.boot) {
+    if let (
+        Some(image),
+        BootConfig::Firmware {
+            nvram: Some(path), ..
+        },
+    ) = (&firmware, &cfg.boot)
+    {
         let flash = crate::legacy::pflash::Pflash::open(path, false)
             .with_context(|| format!("--nvram {} (boot.nvram)", path.display()))?;
         // The variable store sits right below the code, as the firmware was built to expect
