@@ -58,6 +58,19 @@ pub enum ActivateError {
     },
 }
 
+/// Copies the device configuration bytes at `offset` into `data`; bytes past the end of
+/// `config` (or an offset that does not fit a `usize`) read as 0, as
+/// [`VirtioDevice::read_config`] promises.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind a transport (object safe).
 pub trait VirtioDevice: Send {
     /// The virtio device id (1 = net, 2 = block, 4 = entropy).

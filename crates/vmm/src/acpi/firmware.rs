@@ -24,7 +24,7 @@ use super::{
     com1_aml, facs, fadt_with, hotplug_aml, madt, mcfg_at, s5_aml, sdt, AcpiConfig, AcpiError,
     FadtBlocks, OEM_ID,
 };
-use crate::hotplug::{cpu, pci, RawAml};
+use crate::hotplug::{cpu, RawAml};
 use crate::legacy::fw_cfg;
 
 /// fw_cfg file with every table, concatenated.
@@ -221,30 +221,10 @@ pub fn dsdt_aml(cfg: &AcpiConfig, p: &FirmwarePlatform) -> Vec<u8> {
     }
     res.extend([&m32 as &dyn Aml, &m64]);
     let crs = ResourceTemplate::new(res);
-    let pci_hid = EISAName::new("PNP0A08");
-    let pci_cid = EISAName::new("PNP0A03");
-    let zero = aml::ZERO;
-    let n_hid = Name::new("_HID".into(), &pci_hid);
-    let n_cid = Name::new("_CID".into(), &pci_cid);
-    let n_adr = Name::new("_ADR".into(), &zero);
-    let n_seg = Name::new("_SEG".into(), &zero);
-    let n_uid = Name::new("_UID".into(), &zero);
-    let n_bbn = Name::new("_BBN".into(), &zero);
-    let n_crs = Name::new("_CRS".into(), &crs);
     let prt = RawAml(prt_aml());
     let lpc = RawAml(lpc_aml());
     let fwcf = RawAml(fw_cfg_aml());
-    let slots = RawAml(if cfg.pci_hotplug {
-        pci::pci0_aml()
-    } else {
-        Vec::new()
-    });
-    let pci0 = Device::new(
-        "PCI0".into(),
-        vec![
-            &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &prt, &lpc, &fwcf, &slots,
-        ],
-    );
+    let pci0 = RawAml(super::pci0_aml(&crs, &[&prt, &lpc, &fwcf], cfg));
     let hp = RawAml(hotplug_aml(cfg));
     let mut out = Vec::new();
     Scope::new("\\_SB_".into(), vec![&pci0, &hp]).to_aml_bytes(&mut out);

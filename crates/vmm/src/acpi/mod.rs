@@ -238,6 +238,33 @@ fn mcfg_at(base: u64) -> Vec<u8> {
     sdt(b"MCFG", 1, &b)
 }
 
+/// `\_SB.PCI0`, the root bus (PNP0A08, segment 0, bus 0) with `crs` as its resources, then
+/// `children`, then the hotplug slot devices when `cfg` asks for them: the same device in the
+/// direct-boot and the firmware DSDT.
+pub(crate) fn pci0_aml(crs: &dyn Aml, children: &[&dyn Aml], cfg: &AcpiConfig) -> Vec<u8> {
+    let pci_hid = EISAName::new("PNP0A08");
+    let pci_cid = EISAName::new("PNP0A03");
+    let zero = aml::ZERO;
+    let n_hid = Name::new("_HID".into(), &pci_hid);
+    let n_cid = Name::new("_CID".into(), &pci_cid);
+    let n_adr = Name::new("_ADR".into(), &zero);
+    let n_seg = Name::new("_SEG".into(), &zero);
+    let n_uid = Name::new("_UID".into(), &zero);
+    let n_bbn = Name::new("_BBN".into(), &zero);
+    let n_crs = Name::new("_CRS".into(), crs);
+    let slots = RawAml(if cfg.pci_hotplug {
+        pci::pci0_aml()
+    } else {
+        Vec::new()
+    });
+    let mut items: Vec<&dyn Aml> = vec![&n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs];
+    items.extend_from_slice(children);
+    items.push(&slots);
+    let mut out = Vec::new();
+    Device::new("PCI0".into(), items).to_aml_bytes(&mut out);
+    out
+}
+
 /// The DSDT's AML, with the hotplug devices `cfg` asks for.
 pub fn dsdt_aml(mmio64: std::ops::Range<u64>, cfg: &AcpiConfig) -> Vec<u8> {
     let mut out = Vec::new();
@@ -260,27 +287,7 @@ pub fn dsdt_aml(mmio64: std::ops::Range<u64>, cfg: &AcpiConfig) -> Vec<u8> {
         None,
     );
     let crs = ResourceTemplate::new(vec![&bus, &cfg_io, &io_lo, &io_hi, &m32, &m64]);
-    let pci_hid = EISAName::new("PNP0A08");
-    let pci_cid = EISAName::new("PNP0A03");
-    let zero = aml::ZERO;
-    let n_hid = Name::new("_HID".into(), &pci_hid);
-    let n_cid = Name::new("_CID".into(), &pci_cid);
-    let n_adr = Name::new("_ADR".into(), &zero);
-    let n_seg = Name::new("_SEG".into(), &zero);
-    let n_uid = Name::new("_UID".into(), &zero);
-    let n_bbn = Name::new("_BBN".into(), &zero);
-    let n_crs = Name::new("_CRS".into(), &crs);
-    let slots = RawAml(if cfg.pci_hotplug {
-        pci::pci0_aml()
-    } else {
-        Vec::new()
-    });
-    let pci = Device::new(
-        "PCI0".into(),
-        vec![
-            &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &slots,
-        ],
-    );
+    let pci = RawAml(pci0_aml(&crs, &[], cfg));
     let com = RawAml(com1_aml());
     let hp = RawAml(hotplug_aml(cfg));
     Scope::new("\\_SB_".into(), vec![&pci, &com, &hp]).to_aml_bytes(&mut out);

@@ -208,13 +208,7 @@ impl VirtioDevice for Scsi {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::device::read_config_bytes(&self.config, offset, data);
     }
 
     /// The driver may set sense_size (offset 20) and cdb_size (24); other fields are read-only.
