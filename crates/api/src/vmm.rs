@@ -97,6 +97,18 @@ pub enum Request {
     AddNet { net: crate::vmm_config::NetConfig },
     /// Ask the guest to release device `id`; [`Event::DeviceRemoved`] follows when it ejects.
     RemoveDevice { id: String },
+    /// Change the disc in CD-ROM drive `id` (virsh change-media): insert `source` (replacing
+    /// what is in), or eject when `source` is `None`. Refused while the guest locks the tray,
+    /// unless `force`.
+    ChangeMedia {
+        id: String,
+        #[serde(default)]
+        source: Option<std::path::PathBuf>,
+        #[serde(default)]
+        format: Option<crate::vmm_config::DiskFormat>,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// Run state of the VM as the VMM sees it.

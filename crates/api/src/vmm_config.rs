@@ -205,11 +205,55 @@ impl CacheMode {
     }
 }
 
-/// A virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Which controller a disk hangs off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// Its own virtio-blk PCI function (`/dev/vdX`).
+    #[default]
+    Virtio,
+    /// A target of the VM's one virtio-scsi controller (`/dev/sdX`, `/dev/srN`).
+    Scsi,
+}
+
+impl DiskBus {
+    /// libvirt's spelling (`<target bus=...>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Scsi => "scsi",
+        }
+    }
+}
+
+/// What the guest sees on that bus.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskDevice {
+    /// A hard disk.
+    #[default]
+    Disk,
+    /// A CD/DVD drive: always read-only, may be empty, media can change at run time.
+    Cdrom,
+}
+
+impl DiskDevice {
+    /// libvirt's spelling (`<disk device=...>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskDevice::Disk => "disk",
+            DiskDevice::Cdrom => "cdrom",
+        }
+    }
+}
+
+/// A disk or CD-ROM drive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    pub path: PathBuf,
+    /// The image; `None` only for an empty CD-ROM drive.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// `None`: probe (qcow2 magic or raw).
     #[serde(default)]
     pub format: Option<DiskFormat>,
@@ -224,6 +268,18 @@ pub struct DiskConfig {
     /// the VMM makes one up when absent.
     #[serde(default)]
     pub id: Option<String>,
+    #[serde(default)]
+    pub bus: DiskBus,
+    #[serde(default)]
+    pub device: DiskDevice,
+    /// SCSI target id on the controller (libvirt's `<address type='drive' unit=...>`); the
+    /// lowest free one when absent. Only for `bus: scsi`.
+    #[serde(default)]
+    pub unit: Option<u16>,
+    /// Boot priority (libvirt's per-device `<boot order='N'/>`, lower first), passed to the
+    /// firmware as its `bootorder` list.
+    #[serde(default)]
+    pub boot_order: Option<u32>,
 }
 
 /// A virtio-net NIC on a TAP device.
@@ -296,12 +352,16 @@ mod tests {
                 max: Some(4),
             },
             disks: vec![DiskConfig {
-                path: "/images/a, b.qcow2".into(),
+                path: Some("/images/a, b.qcow2".into()),
                 format: Some(DiskFormat::Qcow2),
                 readonly: false,
                 cache: CacheMode::None,
                 serial: Some("S1".into()),
                 id: Some("virtio-disk0".into()),
+                bus: DiskBus::Scsi,
+                device: DiskDevice::Disk,
+                unit: Some(2),
+                boot_order: Some(1),
             }],
             nets: vec![NetConfig {
                 tap: "rvnet0".into(),

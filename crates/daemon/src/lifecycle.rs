@@ -87,7 +87,7 @@ pub fn vmm_config(
                 })?,
             };
             Ok(DiskConfig {
-                path: PathBuf::from(&d.source),
+                path: Some(PathBuf::from(&d.source)),
                 format: Some(match d.format {
                     crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
                     crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
@@ -96,6 +96,7 @@ pub fn vmm_config(
                 cache,
                 serial: d.serial.clone(),
                 id: Some(d.alias.clone()),
+                ..Default::default()
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;

@@ -733,7 +733,7 @@ impl Manager {
                         .find(|c| !used.contains(c))
                         .expect("a free alias");
                     let cfg = DiskConfig {
-                        path: disk.source.clone().into(),
+                        path: Some(disk.source.clone().into()),
                         format: Some(match disk.format {
                             crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
                             crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
@@ -746,6 +746,7 @@ impl Manager {
                             .unwrap_or_default(),
                         serial: None,
                         id: Some(id),
+                        ..Default::default()
                     };
                     let (id, pci) = match vmm_client::request(
                         &run.api_socket,

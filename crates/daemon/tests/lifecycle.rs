@@ -900,7 +900,7 @@ fn vmm_config_file_carries_the_xml_settings() {
     assert_eq!(cfg, expected, "{cfg:#}");
     // The typed struct reads it back (unknown fields would be refused).
     let typed: rvirt_api::vmm_config::VmConfig = serde_json::from_value(cfg).unwrap();
-    assert_eq!(typed.disks[0].path, odd);
+    assert_eq!(typed.disks[0].path.as_ref(), Some(&odd));
     let log = d.domain_log("cfg");
     assert!(
         log.contains(&format!("--config {}", path.display())),

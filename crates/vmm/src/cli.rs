@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 pub use rvirt_api::vmm_config::{
-    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskConfig, DiskFormat, MemoryBacking,
-    MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
+    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskBus, DiskConfig, DiskDevice, DiskFormat,
+    MemoryBacking, MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
 };
 
 /// The old name of [`SerialConfig`] (same variants).
@@ -208,21 +208,18 @@ fn on_off(v: &str) -> Option<bool> {
     }
 }
 
-/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=S][,id=ID]`.
-/// Whether the file exists is checked by [`validate`].
+/// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,cache=MODE][,serial=S][,id=ID]
+/// [,bus=virtio|scsi][,device=disk|cdrom][,unit=N][,bootindex=N]`. A CD-ROM may leave out
+/// `path=` (an empty drive). Whether the file exists is checked by [`validate`].
 pub fn parse_disk(spec: &str) -> Result<DiskConfig> {
-    let mut d = DiskConfig {
-        path: PathBuf::new(),
-        format: None,
-        readonly: false,
-        cache: CacheMode::default(),
-        serial: None,
-        id: None,
+    let mut d = DiskConfig::default();
+    let number = |k: &str, v: &str| -> Result<u32> {
+        v.parse()
+            .with_context(|| format!("--disk {spec:?}: {k}= must be a number, not {v:?}"))
     };
-    let mut path = None;
     for (k, v) in kv(spec) {
         match k.as_str() {
-            "path" => path = Some(PathBuf::from(v)),
+            "path" => d.path = Some(PathBuf::from(v)),
             "format" => {
                 d.format = Some(match v.as_str() {
                     "raw" => DiskFormat::Raw,
@@ -244,12 +241,43 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig> {
             }
             "serial" => d.serial = Some(v),
             "id" => d.id = Some(v),
+            "bus" => {
+                d.bus = match v.as_str() {
+                    "virtio" => DiskBus::Virtio,
+                    "scsi" => DiskBus::Scsi,
+                    _ => bail!("--disk {spec:?}: bus must be virtio or scsi, not {v:?}"),
+                }
+            }
+            "device" | "media" => {
+                d.device = match v.as_str() {
+                    "disk" => DiskDevice::Disk,
+                    "cdrom" => DiskDevice::Cdrom,
+                    _ => bail!("--disk {spec:?}: device must be disk or cdrom, not {v:?}"),
+                }
+            }
+            "unit" => {
+                d.unit = Some(
+                    u8::try_from(number(&k, &v)?)
+                        .map(u16::from)
+                        .with_context(|| {
+                            format!("--disk {spec:?}: unit= must be a SCSI target id 0..=255")
+                        })?,
+                )
+            }
+            "bootindex" | "boot_order" => d.boot_order = Some(number(&k, &v)?),
             _ => bail!(
-                "--disk {spec:?}: unknown key {k:?}; use path=,format=,readonly=,cache=,serial=,id="
+                "--disk {spec:?}: unknown key {k:?}; use path=,format=,readonly=,cache=,serial=,\
+                 id=,bus=,device=,unit=,bootindex="
             ),
         }
     }
-    d.path = path.with_context(|| format!("--disk {spec:?}: path=FILE is required"))?;
+    if d.path.is_none() && d.device != DiskDevice::Cdrom {
+        bail!("--disk {spec:?}: path=FILE is required (only device=cdrom may be empty)");
+    }
+    // Optical media are read-only whatever the flags say (QEMU's scsi-cd, libvirt's cdrom).
+    if d.device == DiskDevice::Cdrom {
+        d.readonly = true;
+    }
     Ok(d)
 }
 
@@ -503,15 +531,66 @@ fn validate_machine(cfg: &VmConfig) -> Result<()> {
     }
 
     let mut ids = HashSet::new();
+    let mut units = HashSet::new();
+    let mut boot_orders = HashSet::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        if d.path.as_os_str().is_empty() {
-            bail!("disks[{i}].path (--disk path=) is empty; give the image file");
+        match &d.path {
+            None if d.device != DiskDevice::Cdrom => bail!(
+                "disks[{i}].path (--disk path=) is missing; give the image file (only a CD-ROM \
+                 drive may be empty)"
+            ),
+            None => {}
+            Some(p) if p.as_os_str().is_empty() => {
+                bail!("disks[{i}].path (--disk path=) is empty; give the image file")
+            }
+            Some(p) if !p.exists() => bail!(
+                "disks[{i}].path (--disk path=): disk image {} does not exist; create it \
+                 (rvirt-img create) or fix the path",
+                p.display()
+            ),
+            Some(_) => {}
         }
-        if !d.path.exists() {
-            bail!(
-                "disks[{i}].path (--disk path=): disk image {} does not exist; create it (rvirt-img create) or fix the path",
-                d.path.display()
-            );
+        if d.device == DiskDevice::Cdrom {
+            if d.bus == DiskBus::Virtio {
+                bail!(
+                    "disks[{i}]: a CD-ROM cannot be a virtio-blk disk; put it on the SCSI \
+                     controller (--disk bus=scsi,device=cdrom)"
+                );
+            }
+            if !d.readonly {
+                bail!("disks[{i}]: a CD-ROM is read-only; drop readonly=off");
+            }
+        }
+        if let Some(u) = d.unit {
+            if d.bus != DiskBus::Scsi {
+                bail!("disks[{i}].unit (--disk unit=) is a SCSI target id: it needs bus=scsi");
+            }
+            if u > 255 {
+                bail!("disks[{i}].unit (--disk unit=) {u} is beyond the last SCSI target 255");
+            }
+            if !units.insert(u) {
+                bail!(
+                    "disks[{i}].unit (--disk unit=) {u} is taken by another SCSI disk; choose \
+                     another unit"
+                );
+            }
+        }
+        if let Some(b) = d.boot_order {
+            if !matches!(cfg.boot, BootConfig::Firmware { .. }) {
+                bail!(
+                    "disks[{i}].boot_order (--disk bootindex=) only applies to firmware boot \
+                     (--firmware); a kernel boot does not read it"
+                );
+            }
+            if b == 0 {
+                bail!("disks[{i}].boot_order (--disk bootindex=) starts at 1");
+            }
+            if !boot_orders.insert(b) {
+                bail!(
+                    "disks[{i}].boot_order (--disk bootindex=) {b} is given to two devices; \
+                     make each unique"
+                );
+            }
         }
         if let Some(s) = &d.serial {
             if s.len() > MAX_DISK_SERIAL {
@@ -684,8 +763,9 @@ mod tests {
         let d =
             parse_disk("path=/x.img,format=raw,readonly=on,cache=none,serial=SN 1,id=virtio-disk0")
                 .unwrap();
-        assert_eq!(d.path, PathBuf::from("/x.img"));
+        assert_eq!(d.path, Some(PathBuf::from("/x.img")));
         assert!(d.readonly);
+        assert_eq!((d.bus, d.device), (DiskBus::Virtio, DiskDevice::Disk));
         assert_eq!(d.format, Some(DiskFormat::Raw));
         assert_eq!(d.cache, CacheMode::None);
         assert_eq!(d.serial.as_deref(), Some("SN 1"));
@@ -703,6 +783,20 @@ mod tests {
         assert!(parse_disk("path=/x,format=vmdk").is_err());
         assert!(parse_disk("format=raw").is_err());
         assert!(parse_disk("path=/x,iothread=1").is_err());
+        let cd = parse_disk("bus=scsi,device=cdrom,unit=2").unwrap();
+        assert_eq!(cd.path, None);
+        assert!(cd.readonly, "a CD-ROM is read-only");
+        assert_eq!(
+            (cd.bus, cd.device, cd.unit),
+            (DiskBus::Scsi, DiskDevice::Cdrom, Some(2))
+        );
+        let d = parse_disk("path=/d.img,bus=scsi,bootindex=1").unwrap();
+        assert_eq!((d.bus, d.boot_order), (DiskBus::Scsi, Some(1)));
+        assert!(parse_disk("bus=scsi").is_err(), "a disk needs a path");
+        assert!(parse_disk("path=/x,bus=ide").is_err());
+        assert!(parse_disk("path=/x,device=floppy").is_err());
+        assert!(parse_disk("path=/x,unit=300").is_err());
+        assert!(parse_disk("path=/x,bootindex=first").is_err());
     }
 
     #[test]
@@ -857,7 +951,7 @@ mod tests {
             }),
         );
         let c = cfg(&["--config", p.to_str().unwrap()]).unwrap();
-        assert_eq!(c.disks[0].path, odd);
+        assert_eq!(c.disks[0].path.as_ref(), Some(&odd));
         assert_eq!(c.disks[0].format, Some(DiskFormat::Raw));
     }
 
@@ -990,19 +1084,65 @@ mod tests {
         c.memory.backing.memfd = true;
         validate(&c).unwrap();
         let disk = |id: Option<&str>, serial: Option<&str>| DiskConfig {
-            path: f.disk.clone().into(),
-            format: None,
-            readonly: false,
-            cache: CacheMode::Writeback,
+            path: Some(f.disk.clone().into()),
             serial: serial.map(Into::into),
             id: id.map(Into::into),
+            ..Default::default()
         };
         let mut c = base(&f);
         c.disks = vec![DiskConfig {
-            path: "/nonexistent/disk.img".into(),
+            path: Some("/nonexistent/disk.img".into()),
             ..disk(None, None)
         }];
         refused(&c, "disks[0].path");
+        // SCSI drives: a CD-ROM only on SCSI, always read-only, may be empty; units unique;
+        // boot priorities only with firmware, unique.
+        let cd = DiskConfig {
+            path: None,
+            bus: DiskBus::Scsi,
+            device: DiskDevice::Cdrom,
+            readonly: true,
+            ..Default::default()
+        };
+        c.disks = vec![cd.clone()];
+        validate(&c).unwrap();
+        c.disks = vec![DiskConfig {
+            bus: DiskBus::Virtio,
+            ..cd.clone()
+        }];
+        refused(&c, "cannot be a virtio-blk disk");
+        c.disks = vec![DiskConfig {
+            readonly: false,
+            ..cd.clone()
+        }];
+        refused(&c, "read-only");
+        c.disks = vec![DiskConfig {
+            path: None,
+            ..disk(None, None)
+        }];
+        refused(&c, "only a CD-ROM");
+        c.disks = vec![
+            DiskConfig {
+                unit: Some(3),
+                ..cd.clone()
+            },
+            DiskConfig {
+                unit: Some(3),
+                bus: DiskBus::Scsi,
+                ..disk(None, None)
+            },
+        ];
+        refused(&c, "disks[1].unit");
+        c.disks = vec![DiskConfig {
+            unit: Some(1),
+            ..disk(None, None)
+        }];
+        refused(&c, "needs bus=scsi");
+        c.disks = vec![DiskConfig {
+            boot_order: Some(1),
+            ..disk(None, None)
+        }];
+        refused(&c, "only applies to firmware boot");
         c.disks = vec![disk(None, Some("123456789012345678901"))];
         refused(&c, "at most 20 bytes");
         c.disks = vec![disk(None, Some("bad\nserial"))];

@@ -3,7 +3,7 @@
 //! here at start (and at run time by hotplug); the vCPUs only see the buses.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +14,7 @@ use rvirt_devices::{IoEventRegistry, MsiRouting};
 
 use crate::boot::GuestMem;
 use crate::bus::Bus;
-use crate::cli::{BalloonConfig, DiskConfig, DiskFormat, NetConfig};
+use crate::cli::{BalloonConfig, DiskBus, DiskConfig, DiskDevice, DiskFormat, NetConfig};
 use crate::exits::ExitHandler;
 use crate::hotplug::{self, cpu::CpuHotplug, ged::Ged, pci::PciHotplug};
 use crate::interrupts::{IoEvents, Routing};
@@ -36,6 +36,15 @@ struct VirtioEntry {
     device: Arc<Mutex<VirtioPciDevice>>,
 }
 
+/// A disk or CD-ROM drive on the virtio-scsi controller.
+struct ScsiEntry {
+    id: String,
+    target: u16,
+    backend: Option<String>,
+    /// The media side of a CD-ROM drive.
+    cdrom: Option<virtio::scsi::CdromHandle>,
+}
+
 /// Every device of one VM.
 pub struct DeviceManager {
     machine: Machine,
@@ -53,6 +62,11 @@ pub struct DeviceManager {
     pci_hotplug: Arc<Mutex<PciHotplug>>,
     /// Writable images, flushed at exit.
     disks: Vec<(PathBuf, Arc<dyn rvirt_image::BlockDevice>)>,
+    /// The drives of the virtio-scsi controller (in `scsi_slot` when there is one).
+    scsi: Vec<ScsiEntry>,
+    scsi_slot: Option<u8>,
+    /// (boot priority, OpenFirmware device path) of the devices the firmware should boot.
+    boot: Vec<(u32, String)>,
     gate: PauseGate,
     mem: GuestMem,
     routing: Arc<dyn MsiRouting>,
@@ -151,6 +165,9 @@ impl DeviceManager {
             cpu_hotplug,
             pci_hotplug,
             disks: Vec::new(),
+            scsi: Vec::new(),
+            scsi_slot: None,
+            boot: Vec::new(),
             gate: PauseGate::new(),
             mem: vm.mem.clone(),
             routing,
@@ -228,22 +245,45 @@ impl DeviceManager {
         Ok((id, addr.device))
     }
 
+    fn id_taken(&self, id: &str) -> bool {
+        self.virtio.iter().any(|e| e.id == id) || self.scsi.iter().any(|e| e.id == id)
+    }
+
     fn unique_id(&self, wanted: Option<&String>, prefix: &str) -> Result<String> {
         if let Some(id) = wanted {
-            if self.virtio.iter().any(|e| &e.id == id) {
+            if self.id_taken(id) {
                 anyhow::bail!("device id {id:?} is already in use; choose another id");
             }
             return Ok(id.clone());
         }
         let n = (0..)
-            .find(|n| !self.virtio.iter().any(|e| e.id == format!("{prefix}{n}")))
+            .find(|n| !self.id_taken(&format!("{prefix}{n}")))
             .unwrap_or(0);
         Ok(format!("{prefix}{n}"))
     }
 
-    /// Opens `d`'s image (with its cache mode) and adds a virtio-blk function for it.
-    pub fn add_disk(&mut self, d: &DiskConfig) -> Result<(String, u8)> {
-        let id = self.unique_id(d.id.as_ref(), "virtio-disk")?;
+    /// Adds the VM's disks in order: each virtio one as its own function, and all SCSI ones
+    /// on one virtio-scsi controller, plugged where the first of them comes.
+    pub fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+        let scsi: Vec<&DiskConfig> = disks.iter().filter(|d| d.bus == DiskBus::Scsi).collect();
+        for d in disks {
+            match d.bus {
+                DiskBus::Virtio => {
+                    self.add_disk(d)?;
+                }
+                DiskBus::Scsi if self.scsi_slot.is_none() => self.add_scsi_controller(&scsi)?,
+                DiskBus::Scsi => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `d`'s image with its cache mode; writable ones are remembered for the exit flush.
+    fn open_image(
+        &mut self,
+        d: &DiskConfig,
+        path: &Path,
+    ) -> Result<Arc<dyn rvirt_image::BlockDevice>> {
         let opts = rvirt_image::OpenOptions {
             read_only: d.readonly,
             direct: d.cache.direct(),
@@ -253,14 +293,175 @@ impl DeviceManager {
             DiskFormat::Raw => rvirt_image::Format::Raw,
             DiskFormat::Qcow2 => rvirt_image::Format::Qcow2,
         });
-        let img = rvirt_image::open_image(&d.path, format, &opts).with_context(|| {
+        let img = rvirt_image::open_image(path, format, &opts).with_context(|| {
             format!(
                 "disk {} (cache={}): cannot open the image",
-                d.path.display(),
+                path.display(),
                 d.cache.name()
             )
         })?;
         let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(img);
+        if !d.readonly {
+            // The exit flush goes to the image itself: it happens even with cache=unsafe.
+            self.disks.push((path.to_path_buf(), img.clone()));
+        }
+        Ok(Arc::new(rvirt_image::Cached::new(
+            img,
+            rvirt_image::CachePolicy {
+                write_through: d.cache.write_through(),
+                ignore_flush: !d.cache.honours_flush(),
+            },
+        )))
+    }
+
+    /// Builds the virtio-scsi controller with one target per drive: `unit` when given, else
+    /// the lowest free target id, in order.
+    fn add_scsi_controller(&mut self, disks: &[&DiskConfig]) -> Result<()> {
+        let mut used: Vec<u16> = disks.iter().filter_map(|d| d.unit).collect();
+        let mut targets = Vec::new();
+        let mut entries = Vec::new();
+        for d in disks {
+            let target = match d.unit {
+                Some(u) => u,
+                None => {
+                    let t = (0..=255u16)
+                        .find(|t| !used.contains(t))
+                        .context("the SCSI controller has no free target left (256 drives)")?;
+                    used.push(t);
+                    t
+                }
+            };
+            // libvirt's alias for drive (controller 0, bus 0, target, unit 0).
+            let id = self.unique_id(d.id.as_ref(), &format!("scsi0-0-{target}-"))?;
+            let media = match &d.path {
+                Some(p) => Some(self.open_image(d, p)?),
+                None => None,
+            };
+            let serial = d.serial.clone().unwrap_or_default();
+            let lun = match d.device {
+                DiskDevice::Disk => rvirt_devices::scsi::ScsiLun::disk(
+                    media.context("a SCSI disk needs an image")?,
+                    &serial,
+                    d.readonly,
+                ),
+                DiskDevice::Cdrom => rvirt_devices::scsi::ScsiLun::cdrom(media, &serial),
+            };
+            targets.push((target, lun));
+            entries.push((id, target, d));
+        }
+        let scsi = virtio::scsi::Scsi::new(virtio::scsi::ScsiConfig {
+            id: "scsi0".into(),
+            targets,
+            num_queues: 1,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut drives = Vec::new();
+        for (id, target, d) in entries {
+            drives.push(ScsiEntry {
+                cdrom: scsi.cdrom(target),
+                id,
+                target,
+                backend: d.path.as_ref().map(|p| p.display().to_string()),
+            });
+        }
+        let ctl = self.unique_id(None, "scsi")?;
+        let (_, slot) = self.plug(Box::new(scsi), ctl, None)?;
+        self.scsi_slot = Some(slot);
+        for (e, d) in drives.iter().zip(disks) {
+            if let Some(order) = d.boot_order {
+                self.boot.push((
+                    order,
+                    format!("/pci@i0cf8/scsi@{slot:x}/channel@0/disk@{:x},0", e.target),
+                ));
+            }
+        }
+        self.scsi = drives;
+        Ok(())
+    }
+
+    /// Changes the disc in CD-ROM drive `id`: inserts `source` (read-only), or ejects when
+    /// `None`. The guest sees UNIT ATTENTION / a media event, as with a real drive.
+    pub fn change_media(
+        &mut self,
+        id: &str,
+        source: Option<&Path>,
+        format: Option<DiskFormat>,
+        force: bool,
+    ) -> Result<()> {
+        let Some(pos) = self.scsi.iter().position(|e| e.id == id) else {
+            let drives: Vec<&str> = self
+                .scsi
+                .iter()
+                .filter(|e| e.cdrom.is_some())
+                .map(|e| e.id.as_str())
+                .collect();
+            bail!(
+                "no CD-ROM drive {id:?} in this VM (CD-ROM drives: {})",
+                if drives.is_empty() {
+                    "none".to_string()
+                } else {
+                    drives.join(", ")
+                }
+            );
+        };
+        let Some(cd) = self.scsi[pos].cdrom.clone() else {
+            bail!("{id:?} is a disk, not a CD-ROM drive: its media cannot change");
+        };
+        let locked = "the guest has locked the tray (e.g. a mounted disc); unmount it in the \
+                      guest or use --force";
+        match source {
+            None => {
+                cd.eject(force)
+                    .map_err(|_| anyhow::anyhow!("{id}: {locked}"))?;
+                self.scsi[pos].backend = None;
+            }
+            Some(p) => {
+                let d = DiskConfig {
+                    path: Some(p.to_path_buf()),
+                    format,
+                    readonly: true,
+                    ..Default::default()
+                };
+                let img = self.open_image(&d, p)?;
+                if force {
+                    let _ = cd.eject(true);
+                }
+                cd.insert(img)
+                    .map_err(|_| anyhow::anyhow!("{id}: {locked}"))?;
+                self.scsi[pos].backend = Some(p.display().to_string());
+            }
+        }
+        log::info!(
+            "{id}: media {}",
+            self.scsi[pos].backend.as_deref().unwrap_or("ejected")
+        );
+        Ok(())
+    }
+
+    /// The firmware's `bootorder` list: OpenFirmware paths, highest priority first, as QEMU
+    /// writes them (SeaBIOS and OVMF both read this form). Empty: let the firmware choose.
+    pub fn boot_order(&self) -> Vec<String> {
+        let mut b = self.boot.clone();
+        b.sort();
+        b.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Opens `d`'s image (with its cache mode) and adds a virtio-blk function for it.
+    pub fn add_disk(&mut self, d: &DiskConfig) -> Result<(String, u8)> {
+        if d.bus != DiskBus::Virtio || d.device != DiskDevice::Disk {
+            bail!(
+                "a {} {} cannot be added as its own device: SCSI drives are set up with the \
+                 VM's SCSI controller at start (hotplug them on bus=virtio)",
+                d.bus.name(),
+                d.device.name()
+            );
+        }
+        let path = d
+            .path
+            .clone()
+            .context("a virtio disk needs an image file (path)")?;
+        let id = self.unique_id(d.id.as_ref(), "virtio-disk")?;
+        let img = self.open_image(d, &path)?;
         // The serial the guest reads (VIRTIO_BLK_T_GET_ID, /sys/block/vdX/serial): `serial`
         // when given, else diskN by position among the VM's disks, as before.
         let serial = d.serial.clone().unwrap_or_else(|| {
@@ -269,17 +470,6 @@ impl DeviceManager {
                 self.virtio.iter().filter(|e| e.kind == "block").count()
             )
         });
-        if !d.readonly {
-            // The exit flush goes to the image itself: it happens even with cache=unsafe.
-            self.disks.push((d.path.clone(), img.clone()));
-        }
-        let img: Arc<dyn rvirt_image::BlockDevice> = Arc::new(rvirt_image::Cached::new(
-            img,
-            rvirt_image::CachePolicy {
-                write_through: d.cache.write_through(),
-                ignore_flush: !d.cache.honours_flush(),
-            },
-        ));
         let blk = virtio::block::Block::new(
             img,
             &virtio::block::BlockConfig {
@@ -287,7 +477,12 @@ impl DeviceManager {
                 read_only: d.readonly,
             },
         );
-        self.plug(Box::new(blk), id, Some(d.path.display().to_string()))
+        let (id, slot) = self.plug(Box::new(blk), id, Some(path.display().to_string()))?;
+        if let Some(order) = d.boot_order {
+            self.boot
+                .push((order, format!("/pci@i0cf8/scsi@{slot:x}/disk@0,0")));
+        }
+        Ok((id, slot))
     }
 
     /// Opens `n`'s TAP and adds a virtio-net function for it.

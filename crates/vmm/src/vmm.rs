@@ -97,9 +97,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         console.com1.clone(),
         &mailbox,
     )?;
-    for d in &cfg.disks {
-        devices.add_disk(d)?;
-    }
+    devices.add_disks(&cfg.disks)?;
     for n in &cfg.nets {
         devices.add_net(n)?;
     }
@@ -134,7 +132,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         nvram = Some(flash);
     }
     if firmware.is_some() {
-        let fw_cfg = crate::firmware::fw_cfg(&vm.mem, ram, (boot_cpus, max_cpus))?;
+        let fw_cfg =
+            crate::firmware::fw_cfg(&vm.mem, ram, (boot_cpus, max_cpus), &devices.boot_order())?;
         devices
             .pio_bus()
             .insert(
@@ -480,6 +479,20 @@ impl Vmm {
             Request::AddDisk { .. } | Request::AddNet { .. } => match self.hotplug_device(req) {
                 Ok((id, slot)) => Response::DeviceAdded { id, slot },
                 Err(message) => Response::Error { message },
+            },
+            Request::ChangeMedia {
+                id,
+                source,
+                format,
+                force,
+            } => match self
+                .devices
+                .change_media(id, source.as_deref(), *format, *force)
+            {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
             },
             Request::RemoveDevice { id } => match self.devices.request_removal(id) {
                 Ok(_) => Response::Ok,

@@ -476,12 +476,10 @@ fn vcpu_and_disk_hotplug_requests_start_threads_and_plug_slots() {
     }
 
     let disk_cfg = rvirt_api::vmm_config::DiskConfig {
-        path: disk.path().to_path_buf(),
+        path: Some(disk.path().to_path_buf()),
         format: Some(rvirt_api::vmm_config::DiskFormat::Raw),
-        readonly: false,
-        cache: Default::default(),
-        serial: None,
         id: Some("virtio-disk1".into()),
+        ..Default::default()
     };
     let slot = match c.call(Request::AddDisk {
         disk: disk_cfg.clone(),
@@ -584,4 +582,67 @@ fn config_file_front_end_runs_a_vm() {
         .status()
         .unwrap();
     assert_eq!(st.code(), Some(2));
+}
+
+#[test]
+fn change_media_inserts_and_ejects_discs_of_scsi_cdrom_drives_only() {
+    let iso = tempfile::NamedTempFile::new().unwrap();
+    iso.as_file().set_len(2 << 20).unwrap();
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(1 << 20).unwrap();
+    let disk_spec = format!("path={},bus=scsi,id=sdb", disk.path().display());
+    let Some(vm) = start_with(
+        rvirt_testkit::idle().unwrap(),
+        "1",
+        &[
+            "--disk",
+            "bus=scsi,device=cdrom,id=sda",
+            "--disk",
+            &disk_spec,
+        ],
+    ) else {
+        return;
+    };
+    let mut c = Conn::new(&vm);
+    let change = |id: &str, source: Option<&std::path::Path>| Request::ChangeMedia {
+        id: id.into(),
+        source: source.map(Into::into),
+        format: None,
+        force: false,
+    };
+    assert_eq!(c.call(change("sda", Some(iso.path()))), Response::Ok);
+    assert_eq!(c.call(change("sda", None)), Response::Ok);
+    // A disc that is not there, a drive that is not there, a disk that is no drive.
+    match c.call(change(
+        "sda",
+        Some(std::path::Path::new("/nonexistent.iso")),
+    )) {
+        Response::Error { message } => assert!(message.contains("/nonexistent.iso"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    match c.call(change("hdc", None)) {
+        Response::Error { message } => {
+            assert!(
+                message.contains("\"hdc\"") && message.contains("sda"),
+                "{message}"
+            )
+        }
+        r => panic!("{r:?}"),
+    }
+    match c.call(change("sdb", Some(iso.path()))) {
+        Response::Error { message } => assert!(message.contains("not a CD-ROM"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    // SCSI drives are not hotplugged (yet): said so, not half-done.
+    let add = Request::AddDisk {
+        disk: rvirt_api::vmm_config::DiskConfig {
+            path: Some(disk.path().to_path_buf()),
+            bus: rvirt_api::vmm_config::DiskBus::Scsi,
+            ..Default::default()
+        },
+    };
+    match c.call(add) {
+        Response::Error { message } => assert!(message.contains("bus=virtio"), "{message}"),
+        r => panic!("{r:?}"),
+    }
 }

@@ -166,8 +166,8 @@ fn main() {
                         exists_or_fail(firmware, "firmware");
                     }
                 }
-                for d in &cfg.disks {
-                    exists_or_fail(&d.path, "disk");
+                for p in cfg.disks.iter().filter_map(|d| d.path.as_ref()) {
+                    exists_or_fail(p, "disk");
                 }
                 name = cfg.name.clone();
                 vcpus = cfg.cpus.boot;
@@ -408,15 +408,18 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
         }
         Request::SetVcpus { count } => set_vcpus(vm, count),
         Request::AddDisk { disk } => {
-            if !disk.path.exists() {
+            let Some(path) = disk.path.filter(|p| p.exists()) else {
                 return Response::Error {
-                    message: format!("cannot open disk {}: no such file", disk.path.display()),
+                    message: "cannot open disk: no such file".into(),
                 };
-            }
-            add_device(vm, disk.id, "block", disk.path.display().to_string())
+            };
+            add_device(vm, disk.id, "block", path.display().to_string())
         }
         Request::AddNet { net } => add_device(vm, net.id, "net", net.tap),
         Request::RemoveDevice { id } => remove_device(vm, id),
+        Request::ChangeMedia { id, .. } => Response::Error {
+            message: format!("no CD-ROM drive {id:?} in this VM (CD-ROM drives: none)"),
+        },
     }
 }
 
@@ -646,7 +649,11 @@ fn boot_devices() -> Vec<FakeDevice> {
             out.push(FakeDevice {
                 id: d.id.clone().unwrap_or_else(|| format!("virtio-disk{i}")),
                 kind: "block",
-                backend: d.path.display().to_string(),
+                backend: d
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 slot,
             });
             slot += 1;
