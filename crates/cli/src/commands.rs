@@ -260,8 +260,19 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             }
             Ok(())
         }
-        Cmd::Undefine { domain } => {
-            c.call::<serde_json::Value>("DELETE", &dom_path(&domain, ""), None::<&()>)
+        Cmd::Undefine {
+            domain,
+            nvram,
+            keep_nvram,
+        } => {
+            let query = if nvram {
+                "?nvram=true"
+            } else if keep_nvram {
+                "?keep_nvram=true"
+            } else {
+                ""
+            };
+            c.call::<serde_json::Value>("DELETE", &dom_path(&domain, query), None::<&()>)
                 .map_err(|e| {
                     fail(
                         Some(format!("Failed to undefine domain '{domain}'")),

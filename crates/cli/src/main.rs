@@ -104,7 +104,15 @@ pub enum Cmd {
     /// Define (but do not start) a domain from an XML file.
     Define { file: PathBuf },
     /// Remove a domain's definition (a running domain becomes transient).
-    Undefine { domain: String },
+    Undefine {
+        domain: String,
+        /// Also delete the domain's UEFI variable store (NVRAM).
+        #[arg(long, conflicts_with = "keep_nvram")]
+        nvram: bool,
+        /// Keep the domain's UEFI variable store.
+        #[arg(long)]
+        keep_nvram: bool,
+    },
     /// Create and start a transient domain from an XML file.
     Create {
         file: PathBuf,

@@ -107,8 +107,33 @@ async fn info(State(m): M, Path(name): Path<String>) -> R<DomainInfo> {
     Ok(Json(m.info_live(&name).await?))
 }
 
-async fn undefine(State(m): M, Path(name): Path<String>) -> R<Empty> {
-    m.undefine(&name).await?;
+/// `?nvram=true` deletes a UEFI guest's variable store, `?keep_nvram=true` keeps it (virsh
+/// undefine --nvram / --keep-nvram); with neither, a domain whose store exists is not undefined.
+#[derive(Deserialize)]
+struct UndefineQuery {
+    #[serde(default)]
+    nvram: bool,
+    #[serde(default)]
+    keep_nvram: bool,
+}
+
+async fn undefine(
+    State(m): M,
+    Path(name): Path<String>,
+    Query(q): Query<UndefineQuery>,
+) -> R<Empty> {
+    let policy = match (q.nvram, q.keep_nvram) {
+        (true, true) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArg,
+                "nvram and keep_nvram are mutually exclusive; give one",
+            ))
+        }
+        (true, false) => crate::manager::NvramPolicy::Remove,
+        (false, true) => crate::manager::NvramPolicy::Keep,
+        (false, false) => crate::manager::NvramPolicy::Refuse,
+    };
+    m.undefine(&name, policy).await?;
     ok()
 }
 

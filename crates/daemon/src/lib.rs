@@ -5,10 +5,12 @@
 //! - [`manager`]: the registry of domains and their states
 //! - [`lifecycle`]: start/stop/supervise rvirt-vmm processes; re-attach after a restart
 //! - [`networks`]: virtual networks (rvirt-net) behind the `/v1/networks` API
+//! - [`firmware`]: OVMF/SeaBIOS images and per-domain UEFI variable stores
 //! - [`pinning`]: vcpupin, emulatorpin, vcpuinfo
 //! - [`http`], [`openapi`], [`server`]: the REST API on a unix socket
 
 pub mod error;
+pub mod firmware;
 pub mod host;
 pub mod http;
 pub mod lifecycle;

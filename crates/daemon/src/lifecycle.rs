@@ -8,8 +8,8 @@ use crate::xml::Domain;
 use rvirt_api::rest::{DomainState, ErrorCode, StateReason};
 use rvirt_api::vmm::{Event, ExitReason, MemoryBackingInfo, Request, Response, RunState};
 use rvirt_api::vmm_config::{
-    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskConfig, DiskFormat, MemoryBacking,
-    MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
+    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskBus, DiskConfig, DiskDevice, DiskFormat,
+    MemoryBacking, MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,15 +50,7 @@ pub fn vmm_config(
     serial: &Path,
     taps: &[String],
 ) -> ApiResult<VmConfig> {
-    let kernel = def.kernel.as_ref().ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::ConfigUnsupported,
-            format!(
-                "domain '{}' has no <os><kernel>: rvirt-vmm boots a kernel directly (firmware boot is not supported); add <kernel>PATH</kernel>",
-                def.name
-            ),
-        )
-    })?;
+    let boot = boot_config(def)?;
     let balloon = def.has_balloon().then(|| BalloonConfig {
         deflate_on_oom: def.balloon_autodeflate,
         free_page_reporting: def.balloon_free_page_reporting,
@@ -87,7 +79,7 @@ pub fn vmm_config(
                 })?,
             };
             Ok(DiskConfig {
-                path: Some(PathBuf::from(&d.source)),
+                path: d.source.as_ref().map(PathBuf::from),
                 format: Some(match d.format {
                     crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
                     crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
@@ -96,10 +88,27 @@ pub fn vmm_config(
                 cache,
                 serial: d.serial.clone(),
                 id: Some(d.alias.clone()),
-                ..Default::default()
+                bus: if d.bus == "scsi" {
+                    DiskBus::Scsi
+                } else {
+                    DiskBus::Virtio
+                },
+                device: if d.device == "cdrom" {
+                    DiskDevice::Cdrom
+                } else {
+                    DiskDevice::Disk
+                },
+                unit: d.unit,
+                boot_order: None,
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;
+    let mut disks = disks;
+    if matches!(boot, BootConfig::Firmware { .. }) {
+        for (i, order) in boot_orders(def) {
+            disks[i].boot_order = Some(order);
+        }
+    }
     let nets = def
         .interfaces
         .iter()
@@ -121,14 +130,7 @@ pub fn vmm_config(
         .collect();
     Ok(VmConfig {
         name: Some(def.name.clone()),
-        boot: BootConfig::Kernel {
-            kernel: PathBuf::from(kernel),
-            initrd: def.initrd.as_ref().map(PathBuf::from),
-            cmdline: def
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
-        },
+        boot,
         memory: MemoryConfig {
             size,
             current,
@@ -160,6 +162,66 @@ pub fn vmm_config(
     })
 }
 
+/// A `<kernel>` boots directly; otherwise the firmware `<os>` names (SeaBIOS when it names
+/// none, as libvirt boots a BIOS by default).
+fn boot_config(def: &DomainDef) -> ApiResult<BootConfig> {
+    if let Some(kernel) = &def.kernel {
+        return Ok(BootConfig::Kernel {
+            kernel: PathBuf::from(kernel),
+            initrd: def.initrd.as_ref().map(PathBuf::from),
+            cmdline: def
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into()),
+        });
+    }
+    let fw = def.firmware.clone().unwrap_or_else(bios);
+    Ok(BootConfig::Firmware {
+        firmware: PathBuf::from(crate::firmware::loader_of(&fw)),
+        nvram: (fw.kind == "efi")
+            .then(|| fw.nvram.clone().map(PathBuf::from))
+            .flatten(),
+    })
+}
+
+fn bios() -> crate::xml::domain::Firmware {
+    crate::xml::domain::Firmware {
+        kind: "bios".into(),
+        loader: None,
+        nvram: None,
+        nvram_template: None,
+    }
+}
+
+/// The firmware boot priority of each disk (index into `def.disks`): per-device
+/// `<boot order>`, or `<os><boot dev=...>` in turn, each naming the first drive of its kind
+/// (cdrom: the first CD-ROM; hd: the first disk), as libvirt maps them to QEMU's bootindex.
+pub fn boot_orders(def: &DomainDef) -> Vec<(usize, u32)> {
+    let per_device: Vec<(usize, u32)> = def
+        .disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.boot_order.map(|o| (i, o)))
+        .collect();
+    if !per_device.is_empty() {
+        return per_device;
+    }
+    let mut out = Vec::new();
+    for (n, dev) in def.boot.iter().enumerate() {
+        let want = match dev.as_str() {
+            "cdrom" => "cdrom",
+            "hd" => "disk",
+            _ => continue,
+        };
+        if let Some(i) = def.disks.iter().position(|d| d.device == want) {
+            if !out.iter().any(|(j, _)| *j == i) {
+                out.push((i, n as u32 + 1));
+            }
+        }
+    }
+    out
+}
+
 /// Writes `cfg` as `dir/vmm-config.json` (atomically, mode 0600) and returns its path.
 pub fn write_vmm_config(dir: &Path, cfg: &VmConfig) -> ApiResult<PathBuf> {
     let path = dir.join(VMM_CONFIG_FILE);
@@ -171,8 +233,13 @@ pub fn write_vmm_config(dir: &Path, cfg: &VmConfig) -> ApiResult<PathBuf> {
 }
 
 fn check_files(def: &DomainDef) -> ApiResult<()> {
+    if def.kernel.is_none() {
+        let fw = def.firmware.clone().unwrap_or_else(bios);
+        crate::firmware::check_image(&crate::firmware::loader_of(&fw), "firmware")?;
+        crate::firmware::prepare_nvram(&fw, &def.name)?;
+    }
     let mut paths: Vec<&String> = def.kernel.iter().chain(def.initrd.iter()).collect();
-    paths.extend(def.disks.iter().map(|d| &d.source));
+    paths.extend(def.disks.iter().filter_map(|d| d.source.as_ref()));
     for p in paths {
         if let Err(e) = std::fs::metadata(p) {
             return Err(ApiError::new(

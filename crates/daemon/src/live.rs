@@ -696,14 +696,23 @@ impl Manager {
                     }
                 }
                 let disk = read_disk(&el)?;
-                if let Err(e) = std::fs::metadata(&disk.source) {
+                if disk.bus != "virtio" {
+                    return Err(ApiError::new(
+                        ErrorCode::ConfigUnsupported,
+                        format!(
+                            "unsupported configuration: disk {} on bus '{}': rvirt hotplugs only virtio disks; use --targetbus virtio (<target bus='virtio'/>) with a vdX target",
+                            disk.target, disk.bus
+                        ),
+                    ));
+                }
+                let source = disk.source.clone().unwrap_or_default();
+                if let Err(e) = std::fs::metadata(&source) {
                     let why = e.to_string();
                     let why = why.split(" (os error").next().unwrap_or(&why);
                     return Err(ApiError::new(
                         ErrorCode::OperationFailed,
                         format!(
-                            "Cannot access storage file '{}': {why}; give an existing image (create one with rvirt-img create)",
-                            disk.source
+                            "Cannot access storage file '{source}': {why}; give an existing image (create one with rvirt-img create)",
                         ),
                     ));
                 }
@@ -733,7 +742,7 @@ impl Manager {
                         .find(|c| !used.contains(c))
                         .expect("a free alias");
                     let cfg = DiskConfig {
-                        path: Some(disk.source.clone().into()),
+                        path: Some(source.clone().into()),
                         format: Some(match disk.format {
                             crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
                             crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
@@ -769,7 +778,7 @@ impl Manager {
                         &name,
                         &format!(
                             "disk {} ({}) hotplugged as {id} in slot {pci}",
-                            disk.target, disk.source
+                            disk.target, source
                         ),
                     );
                     answer = AttachResponse {
@@ -1154,10 +1163,10 @@ impl Manager {
             match el.name.as_str() {
                 "disk" => {
                     let Ok(disk) = read_disk(el) else { continue };
-                    let d = find(alias_of(el), &disk.source);
+                    let d = find(alias_of(el), disk.source.as_deref().unwrap_or(""));
                     out.block.push(BlockStats {
+                        path: disk.source_or_dash(),
                         name: disk.target,
-                        path: disk.source,
                         rd_req: c(d, "read_requests"),
                         rd_bytes: c(d, "bytes_read"),
                         wr_req: c(d, "write_requests"),

@@ -22,6 +22,18 @@ pub struct Config {
     pub vmm_binary: PathBuf,
 }
 
+/// What undefine does with a UEFI domain's variable store (virsh undefine --nvram /
+/// --keep-nvram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvramPolicy {
+    /// Refuse to undefine while the store exists (no flag given).
+    Refuse,
+    /// Delete it.
+    Remove,
+    /// Keep the file.
+    Keep,
+}
+
 /// One running VMM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Run {
@@ -238,6 +250,7 @@ impl Manager {
     ) -> ApiResult<(DefineResponse, Arc<Slot>)> {
         let mut dom = Domain::parse(xml)?;
         let name = dom.def.name.clone();
+        dom.fill_firmware(&crate::firmware::default_nvram(&self.cfg.state_dir, &name));
         let (slot, new_guard) = {
             let mut slots = self.slots();
             self.check_unique(&slots, &mut dom)?;
@@ -344,7 +357,7 @@ impl Manager {
         Ok(())
     }
 
-    pub async fn undefine(&self, key: &str) -> ApiResult<()> {
+    pub async fn undefine(&self, key: &str, policy: NvramPolicy) -> ApiResult<()> {
         let (name, slot) = self.find(key)?;
         let _op = slot.op.lock().await;
         let mut st = slot.lock();
@@ -356,7 +369,31 @@ impl Manager {
                 "Requested operation is not valid: cannot undefine transient domain",
             ));
         }
+        // libvirt's rule: a variable store on disk goes only when asked, and is never left
+        // behind silently.
+        let nvram = st
+            .config
+            .def
+            .firmware
+            .as_ref()
+            .and_then(|f| f.nvram.clone())
+            .map(PathBuf::from)
+            .filter(|p| p.exists());
+        if let Some(p) = &nvram {
+            if policy == NvramPolicy::Refuse {
+                return Err(ApiError::invalid_op(format!(
+                    "Requested operation is not valid: cannot undefine domain with nvram ({}); \
+                     use --nvram to delete it or --keep-nvram to keep it",
+                    p.display()
+                )));
+            }
+        }
         self.store.remove(&name)?;
+        if let (Some(p), NvramPolicy::Remove) = (&nvram, policy) {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!("domain '{name}': cannot remove NVRAM {}: {e}", p.display());
+            }
+        }
         st.persistent = false;
         st.autostart = false;
         let active = st.state.is_active();
@@ -442,14 +479,14 @@ impl Manager {
             .iter()
             .map(|d| BlockDevice {
                 target: d.target.clone(),
-                source: d.source.clone(),
-                kind: if d.source.starts_with("/dev/") {
+                source: d.source_or_dash(),
+                kind: if d.source.as_deref().is_some_and(|s| s.starts_with("/dev/")) {
                     "block"
                 } else {
                     "file"
                 }
                 .into(),
-                device: "disk".into(),
+                device: d.device.clone(),
                 format: d.format.name().into(),
                 readonly: d.readonly,
             })

@@ -9,7 +9,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     ("get", "/v1/domains", "List all domains (virsh list --all)", None, "DomainSummaryList"),
     ("post", "/v1/domains", "Define a domain, or create a transient one and start it", Some("DefineRequest"), "DefineResponse"),
     ("get", "/v1/domains/{name}", "Domain information (virsh dominfo); name, UUID or id", None, "DomainInfo"),
-    ("delete", "/v1/domains/{name}", "Undefine a domain", None, "Empty"),
+    ("delete", "/v1/domains/{name}", "Undefine a domain; ?nvram=true deletes its UEFI variable store, ?keep_nvram=true keeps it (one is needed when it exists)", None, "Empty"),
     ("get", "/v1/domains/{name}/xml", "Domain XML; ?inactive=true for the persistent definition", None, "XmlBody"),
     ("post", "/v1/domains/{name}/start", "Start a defined domain; optionally leave it paused", Some("StartRequest"), "Empty"),
     ("post", "/v1/domains/{name}/shutdown", "Press the ACPI power button; optional timeout", Some("ShutdownRequest"), "Empty"),

@@ -884,9 +884,11 @@ fn vmm_config_file_carries_the_xml_settings() {
         "cpus": {"boot": 1, "max": 3},
         "disks": [
             {"path": odd, "format": "raw", "readonly": false, "cache": "none",
-             "serial": "SN-42", "id": "virtio-disk1"},
+             "serial": "SN-42", "id": "virtio-disk1", "bus": "virtio", "device": "disk",
+             "unit": null, "boot_order": null},
             {"path": d.dir.path().join("disk.img"), "format": "raw", "readonly": true,
-             "cache": "unsafe", "serial": null, "id": "ua-boot"}
+             "cache": "unsafe", "serial": null, "id": "ua-boot", "bus": "virtio",
+             "device": "disk", "unit": null, "boot_order": null}
         ],
         "nets": [],
         "serial": {"kind": "socket", "path": run.join("serial.sock")},
@@ -1000,4 +1002,141 @@ fn start_paused_with_a_vmm_that_runs_at_once() {
         d.domain_log("old")
     );
     d.ok("POST", "/v1/domains/old/destroy", None);
+}
+
+#[test]
+fn uefi_domain_gets_its_own_nvram_and_boots_the_cdrom_first() {
+    let d = Daemon::start();
+    // Stand-ins for Debian's OVMF pair (only their bytes matter to the daemon).
+    let code = d.dir.path().join("OVMF_CODE_4M.fd");
+    let vars = d.dir.path().join("OVMF_VARS_4M.fd");
+    std::fs::write(&code, vec![0xc0u8; 64 << 10]).unwrap();
+    std::fs::write(&vars, vec![0x5au8; 64 << 10]).unwrap();
+    let iso = d.dir.path().join("install.iso");
+    std::fs::write(&iso, vec![0u8; 2 << 20]).unwrap();
+    let xml = format!(
+        "<domain type='kvm'><name>efi</name><memory unit='MiB'>256</memory>\
+         <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
+         <loader readonly='yes' type='pflash'>{code}</loader><nvram template='{vars}'/>\
+         <boot dev='cdrom'/><boot dev='hd'/></os>\
+         <devices>\
+         <disk type='file'><driver type='raw'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <disk type='file' device='cdrom'><source file='{iso}'/><target dev='sda' bus='scsi'/><readonly/></disk>\
+         <controller type='scsi' model='virtio-scsi'/>\
+         </devices></domain>",
+        code = code.display(),
+        vars = vars.display(),
+        disk = d.dir.path().join("disk.img").display(),
+        iso = iso.display(),
+    );
+    let r = d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    assert_eq!(r["warnings"], json!([]), "{r}");
+    // dumpxml shows the store libvirt would have made up: under the state dir, per domain.
+    let nvram = d.state_dir().join("nvram").join("efi_VARS.fd");
+    let (_, x) = d.call("GET", "/v1/domains/efi/xml", None);
+    let text = x["xml"].as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains(&format!(
+            "<nvram template='{}'>{}</nvram>",
+            vars.display(),
+            nvram.display()
+        )),
+        "{text}"
+    );
+    assert!(!nvram.exists(), "the store is made at start, not at define");
+    d.ok("POST", "/v1/domains/efi/start", None);
+    assert_eq!(
+        std::fs::read(&nvram).unwrap(),
+        std::fs::read(&vars).unwrap()
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.run_dir().join("efi").join("vmm-config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["boot"],
+        json!({"kind": "firmware", "firmware": code, "nvram": nvram}),
+        "{cfg:#}"
+    );
+    // <boot dev='cdrom'/> then 'hd': the CD-ROM first, then the disk.
+    let disks = cfg["disks"].as_array().unwrap();
+    assert_eq!(disks[0]["boot_order"], 2);
+    assert_eq!(disks[1]["boot_order"], 1);
+    assert_eq!(
+        (
+            &disks[1]["bus"],
+            &disks[1]["device"],
+            &disks[1]["readonly"],
+            &disks[1]["id"]
+        ),
+        (
+            &json!("scsi"),
+            &json!("cdrom"),
+            &json!(true),
+            &json!("scsi0-0-0-0")
+        )
+    );
+    // The guest's variables survive a restart: the store is not re-copied.
+    std::fs::write(&nvram, b"guest wrote Boot0001").unwrap();
+    d.ok("POST", "/v1/domains/efi/destroy", None);
+    d.ok("POST", "/v1/domains/efi/start", None);
+    assert_eq!(std::fs::read(&nvram).unwrap(), b"guest wrote Boot0001");
+    d.ok("POST", "/v1/domains/efi/destroy", None);
+    // undefine: refused while the store exists unless told what to do with it (virsh).
+    let (status, err) = d.call("DELETE", "/v1/domains/efi", None);
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot undefine domain with nvram"),
+        "{err}"
+    );
+    let (status, _) = d.call("DELETE", "/v1/domains/efi?nvram=true&keep_nvram=true", None);
+    assert_eq!(status, 400);
+    d.ok("DELETE", "/v1/domains/efi?keep_nvram=true", None);
+    assert!(nvram.exists(), "--keep-nvram keeps it");
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    d.ok("DELETE", "/v1/domains/efi?nvram=true", None);
+    assert!(!nvram.exists(), "--nvram deletes it");
+}
+
+#[test]
+fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package() {
+    let d = Daemon::start();
+    let xml = format!(
+        "<domain type='kvm'><name>bios</name><memory unit='MiB'>128</memory>\
+         <os><type>hvm</type><loader type='rom'>/usr/share/seabios/no-such-bios.bin</loader></os>\
+         <devices><disk type='file'><source file='{}'/><target dev='vda'/><boot order='1'/></disk>\
+         </devices></domain>",
+        d.dir.path().join("disk.img").display()
+    );
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    let (status, err) = d.call("POST", "/v1/domains/bios/start", None);
+    assert_eq!(status, 500, "{err}");
+    let msg = err["error"].as_str().unwrap();
+    assert!(
+        msg.contains("no-such-bios.bin") && msg.contains("seabios package"),
+        "{msg}"
+    );
+    // No <loader>: SeaBIOS's image, with the disk's boot order passed on.
+    let xml = xml.replace(
+        "<loader type='rom'>/usr/share/seabios/no-such-bios.bin</loader>",
+        "",
+    );
+    d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
+    assert!(
+        std::path::Path::new("/usr/share/seabios/bios-256k.bin").exists(),
+        "Debian's seabios package is missing: run ./scripts/install-deps"
+    );
+    d.ok("POST", "/v1/domains/bios/start", None);
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.run_dir().join("bios").join("vmm-config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["boot"],
+        json!({"kind": "firmware", "firmware": "/usr/share/seabios/bios-256k.bin", "nvram": null})
+    );
+    assert_eq!(cfg["disks"][0]["boot_order"], 1);
 }

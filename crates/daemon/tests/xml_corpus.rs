@@ -131,7 +131,7 @@ fn pinning_and_hugepages_are_read() {
     assert_eq!(def.emulatorpin.unwrap().to_string(), "0-1");
     assert!(def.hugepages && def.nosharepages);
     assert_eq!(def.on_crash, LifecycleAction::Restart);
-    assert_eq!(def.disks[0].source, "/dev/vg0/db");
+    assert_eq!(def.disks[0].source.as_deref(), Some("/dev/vg0/db"));
     assert_eq!(
         def.interfaces[0].source,
         InterfaceSource::Bridge("br0".into())
@@ -220,7 +220,12 @@ const BASE_HEAD: &str =
 fn behaviour_changing_elements_are_refused_by_name() {
     let cases = [
         ("<devices><disk type='file'><source file='/a'/><target dev='sda' bus='sata'/></disk></devices>", "bus='sata'"),
-        ("<devices><disk type='file' device='cdrom'><source file='/a'/><target dev='hdc'/></disk></devices>", "device='cdrom'"),
+        ("<devices><disk type='file' device='cdrom'><source file='/a'/><target dev='hdc'/></disk></devices>", "bus='ide'"),
+        ("<devices><disk type='file' device='cdrom'><source file='/a'/><target dev='vdb' bus='virtio'/></disk></devices>", "does not support ejectable media"),
+        ("<devices><disk type='file' device='floppy'><source file='/a'/><target dev='fda'/></disk></devices>", "device='floppy'"),
+        ("<devices><controller type='scsi' model='lsilogic'/></devices>", "model='lsilogic'"),
+        ("<devices><controller type='ide' index='0'/></devices>", "IDE controllers are unsupported"),
+        ("<devices><disk type='file'><source file='/a'/><target dev='sda'/><address type='drive' controller='1' bus='0' target='0' unit='0'/></disk></devices>", "controller='1'"),
         ("<devices><disk type='network'><source protocol='nbd'/><target dev='vda'/></disk></devices>", "type='network'"),
         ("<devices><disk type='file'><driver type='vmdk'/><source file='/a'/><target dev='vda'/></disk></devices>", "type='vmdk'"),
         ("<devices><interface type='user'/></devices>", "<interface type='user'>"),
@@ -245,8 +250,140 @@ fn behaviour_changing_elements_are_refused_by_name() {
     }
     let err = refuse("<domain type='qemu'><name>x</name></domain>");
     assert!(err.to_string().contains("type='qemu'"), "{err}");
-    let err = refuse("<domain type='kvm'><name>x</name><memory>1</memory><os firmware='efi'><type>hvm</type><loader>/x</loader></os></domain>");
-    assert!(err.to_string().contains("<loader>"), "{err}");
+    let err = refuse("<domain type='kvm'><name>x</name><memory>1</memory><os firmware='efi'><type>hvm</type><loader secure='yes'>/x</loader></os></domain>");
+    assert!(err.to_string().contains("secure='yes'"), "{err}");
+    let err = refuse("<domain type='kvm'><name>x</name><memory>1</memory><os firmware='efi'><type>hvm</type><firmware><feature enabled='yes' name='secure-boot'/></firmware></os></domain>");
+    assert!(err.to_string().contains("secure-boot"), "{err}");
+    let err = refuse("<domain type='kvm'><name>x</name><memory>1</memory><os firmware='bios'><type>hvm</type><nvram>/v.fd</nvram></os></domain>");
+    assert!(err.to_string().contains("<nvram> is for UEFI"), "{err}");
+    let err = refuse("<domain type='kvm'><name>x</name><memory>1</memory><os firmware='coreboot'><type>hvm</type></os></domain>");
+    assert!(err.to_string().contains("firmware='coreboot'"), "{err}");
+}
+
+#[test]
+fn disk_and_boot_mistakes_libvirt_refuses_are_refused() {
+    let disk = |t: &str, extra: &str| {
+        format!("<disk type='file'><source file='/d-{t}'/><target dev='{t}'/>{extra}</disk>")
+    };
+    let dom = |os: &str, devs: &str| {
+        format!("<domain type='kvm'><name>x</name><memory>1024</memory><os><type>hvm</type>{os}</os><devices>{devs}</devices></domain>")
+    };
+    // Two disks on one target (libvirt: "target 'vda' duplicated for disk sources ...").
+    let err = refuse(&dom("", &(disk("vda", "") + &disk("vda", ""))));
+    assert!(
+        err.to_string()
+            .contains("target 'vda' duplicated for disk sources '/d-vda' and '/d-vda'"),
+        "{err}"
+    );
+    // Two SCSI disks at one unit.
+    let unit0 = "<address type='drive' controller='0' bus='0' target='0' unit='0'/>";
+    let err = refuse(&dom("", &(disk("sda", "") + &disk("sdb", unit0))));
+    assert!(err.to_string().contains("SCSI unit 0"), "{err}");
+    // <boot dev> and per-device <boot order> together; the same order twice; order 0.
+    let err = refuse(&dom("<boot dev='hd'/>", &disk("vda", "<boot order='1'/>")));
+    assert!(
+        err.to_string()
+            .contains("per-device boot elements cannot be used together with os/boot elements"),
+        "{err}"
+    );
+    let err = refuse(&dom(
+        "",
+        &(disk("vda", "<boot order='1'/>") + &disk("vdb", "<boot order='1'/>")),
+    ));
+    assert!(
+        err.to_string()
+            .contains("boot order '1' used for more than one device"),
+        "{err}"
+    );
+    let err = refuse(&dom("", &disk("vda", "<boot order='0'/>")));
+    assert!(err.to_string().contains("orders start at 1"), "{err}");
+    let err = refuse(&dom("<boot dev='fd'/>", ""));
+    assert!(err.to_string().contains("floppy"), "{err}");
+    // A disk must have an image; only a CD-ROM may be empty.
+    let err = refuse(&dom("", "<disk type='file'><target dev='vda'/></disk>"));
+    assert!(err.to_string().contains("only valid for a cdrom"), "{err}");
+}
+
+#[test]
+fn uefi_install_from_a_cdrom_reads_as_libvirt_means_it() {
+    let dom = load("virt-install-debian-uefi-cdrom.xml");
+    let def = &dom.def;
+    let fw = def.firmware.as_ref().expect("firmware");
+    assert_eq!(fw.kind, "efi");
+    assert_eq!((fw.loader.as_deref(), fw.nvram.as_deref()), (None, None));
+    assert_eq!(def.boot, vec!["cdrom", "hd"]);
+    assert_eq!(def.disks.len(), 2);
+    let (hd, cd) = (&def.disks[0], &def.disks[1]);
+    assert_eq!(
+        (hd.bus.as_str(), hd.device.as_str(), hd.unit),
+        ("scsi", "disk", Some(0))
+    );
+    assert_eq!(
+        (cd.bus.as_str(), cd.device.as_str(), cd.unit),
+        ("scsi", "cdrom", Some(1))
+    );
+    assert!(cd.readonly && !hd.readonly);
+    assert_eq!(
+        (hd.alias.as_str(), cd.alias.as_str()),
+        ("scsi0-0-0-0", "scsi0-0-0-1")
+    );
+    // Nothing about firmware, controllers or the CD-ROM is reported as unused.
+    for w in &dom.warnings {
+        assert!(
+            !w.contains("<os/") && !w.contains("controller") && !w.contains("disk"),
+            "{w}"
+        );
+    }
+    // At define time the OVMF pair and a per-domain variable store are filled in, as libvirt
+    // does; dumpxml shows them.
+    let mut filled = dom.clone();
+    filled.fill_firmware(std::path::Path::new("/var/lib/rvirt/nvram/deb12_VARS.fd"));
+    let fw = filled.def.firmware.as_ref().unwrap();
+    assert_eq!(
+        fw.loader.as_deref(),
+        Some("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    );
+    assert_eq!(
+        fw.nvram.as_deref(),
+        Some("/var/lib/rvirt/nvram/deb12_VARS.fd")
+    );
+    let xml = filled.to_xml();
+    assert!(
+        xml.contains(
+            "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+        ),
+        "{xml}"
+    );
+    assert!(xml.contains("<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/rvirt/nvram/deb12_VARS.fd</nvram>"), "{xml}");
+    let again = Domain::parse(&xml).unwrap();
+    assert_eq!(again.def.firmware, filled.def.firmware);
+}
+
+#[test]
+fn bios_loader_empty_cdrom_and_boot_orders() {
+    let dom = load("bios-empty-cdrom-boot-order.xml");
+    let def = &dom.def;
+    let fw = def.firmware.as_ref().expect("firmware");
+    assert_eq!(fw.kind, "bios", "a ROM loader is a BIOS");
+    assert_eq!(
+        fw.loader.as_deref(),
+        Some("/usr/share/seabios/bios-256k.bin")
+    );
+    assert_eq!(def.boot_menu_ms, Some(3000));
+    let cd = &def.disks[0];
+    assert_eq!((cd.source.as_deref(), cd.device.as_str()), (None, "cdrom"));
+    assert_eq!(cd.source_or_dash(), "-");
+    assert_eq!(cd.unit, Some(2), "sdc is unit 2");
+    let sda = &def.disks[1];
+    assert_eq!(
+        (sda.bus.as_str(), sda.unit, sda.boot_order),
+        ("scsi", Some(0), Some(1))
+    );
+    assert_eq!(def.disks[2].boot_order, Some(2));
+    // Filling firmware leaves a BIOS definition as written.
+    let mut filled = dom.clone();
+    filled.fill_firmware(std::path::Path::new("/n.fd"));
+    assert_eq!(filled.to_xml(), dom.to_xml());
 }
 
 #[test]

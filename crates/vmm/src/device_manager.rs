@@ -331,8 +331,12 @@ impl DeviceManager {
                     t
                 }
             };
-            // libvirt's alias for drive (controller 0, bus 0, target, unit 0).
-            let id = self.unique_id(d.id.as_ref(), &format!("scsi0-0-{target}-"))?;
+            // libvirt's alias of the drive (controller 0, bus 0, target 0, unit): rvirtd maps
+            // libvirt's unit to the target id.
+            let id = match &d.id {
+                Some(id) => self.unique_id(Some(id), "")?,
+                None => self.unique_id(Some(&format!("scsi0-0-0-{target}")), "")?,
+            };
             let media = match &d.path {
                 Some(p) => Some(self.open_image(d, p)?),
                 None => None,
