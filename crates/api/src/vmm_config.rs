@@ -79,6 +79,10 @@ pub enum BootConfig {
         /// just below the code image; writes go to this file.
         #[serde(default)]
         nvram: Option<PathBuf>,
+        /// Offer the firmware's boot menu, waiting this many milliseconds (libvirt's
+        /// `<bootmenu enable='yes' timeout=...>`, QEMU's `-boot menu=on,splash-time=`).
+        #[serde(default)]
+        boot_menu_ms: Option<u16>,
     },
 }
 

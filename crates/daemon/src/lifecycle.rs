@@ -181,6 +181,10 @@ fn boot_config(def: &DomainDef) -> ApiResult<BootConfig> {
         nvram: (fw.kind == "efi")
             .then(|| fw.nvram.clone().map(PathBuf::from))
             .flatten(),
+        // Parsed to at most 65535 ms.
+        boot_menu_ms: def
+            .boot_menu_ms
+            .map(|ms| ms.min(u32::from(u16::MAX)) as u16),
     })
 }
 

@@ -1055,7 +1055,7 @@ fn uefi_domain_gets_its_own_nvram_and_boots_the_cdrom_first() {
     .unwrap();
     assert_eq!(
         cfg["boot"],
-        json!({"kind": "firmware", "firmware": code, "nvram": nvram}),
+        json!({"kind": "firmware", "firmware": code, "nvram": nvram, "boot_menu_ms": null}),
         "{cfg:#}"
     );
     // <boot dev='cdrom'/> then 'hd': the CD-ROM first, then the disk.
@@ -1106,7 +1106,8 @@ fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package(
     let d = Daemon::start();
     let xml = format!(
         "<domain type='kvm'><name>bios</name><memory unit='MiB'>128</memory>\
-         <os><type>hvm</type><loader type='rom'>/usr/share/seabios/no-such-bios.bin</loader></os>\
+         <os><type>hvm</type><loader type='rom'>/usr/share/seabios/no-such-bios.bin</loader>\
+         <bootmenu enable='yes' timeout='1500'/></os>\
          <devices><disk type='file'><source file='{}'/><target dev='vda'/><boot order='1'/></disk>\
          </devices></domain>",
         d.dir.path().join("disk.img").display()
@@ -1136,7 +1137,7 @@ fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package(
     .unwrap();
     assert_eq!(
         cfg["boot"],
-        json!({"kind": "firmware", "firmware": "/usr/share/seabios/bios-256k.bin", "nvram": null})
+        json!({"kind": "firmware", "firmware": "/usr/share/seabios/bios-256k.bin", "nvram": null, "boot_menu_ms": 1500})
     );
     assert_eq!(cfg["disks"][0]["boot_order"], 1);
 }

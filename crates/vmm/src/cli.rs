@@ -23,6 +23,7 @@ const VM_FLAGS: &[&str] = &[
     "kernel",
     "firmware",
     "nvram",
+    "boot_menu",
     "initrd",
     "cmdline",
     "memory",
@@ -76,6 +77,9 @@ pub struct Args {
     /// just below the code image, written through to this file.
     #[arg(long, value_name = "PATH", requires = "firmware")]
     pub nvram: Option<PathBuf>,
+    /// Offer the firmware's boot menu for --firmware, waiting MS milliseconds.
+    #[arg(long, value_name = "MS", requires = "firmware")]
+    pub boot_menu: Option<u16>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -355,6 +359,7 @@ fn config_from_flags(a: &Args) -> Result<VmConfig> {
         (_, Some(firmware)) => BootConfig::Firmware {
             firmware: firmware.clone(),
             nvram: a.nvram.clone(),
+            boot_menu_ms: a.boot_menu,
         },
         (Some(kernel), None) => BootConfig::Kernel {
             kernel: kernel.clone(),
@@ -426,9 +431,9 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
             initrd,
             cmdline,
         } => validate_kernel(kernel, initrd.as_deref(), cmdline)?,
-        BootConfig::Firmware { firmware, nvram } => {
-            crate::firmware::check_images(firmware, nvram.as_deref())?
-        }
+        BootConfig::Firmware {
+            firmware, nvram, ..
+        } => crate::firmware::check_images(firmware, nvram.as_deref())?,
     }
     validate_machine(cfg)
 }

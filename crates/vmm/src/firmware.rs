@@ -143,6 +143,7 @@ pub fn fw_cfg(
     ram: u64,
     (boot, max): (u32, u32),
     boot_order: &[String],
+    boot_menu_ms: Option<u16>,
 ) -> Result<FwCfg> {
     let mut f = FwCfg::new().with_memory(mem.clone());
     let m64 = Machine::Q35.mmio64_start(ram);
@@ -166,19 +167,17 @@ pub fn fw_cfg(
     f.add_e820(&e820(ram)).context("fw_cfg etc/e820")?;
     f.add_file("etc/sercon-port", ports::COM1.to_le_bytes().to_vec())
         .context("fw_cfg etc/sercon-port")?;
+    // Without a list the firmware picks (and OVMF connects every device); with one, OVMF
+    // connects only the listed devices, as with QEMU's bootindex.
     if !boot_order.is_empty() {
-        f.add_file("bootorder", bootorder_file(boot_order))
-            .context("fw_cfg bootorder")?;
+        f.add_bootorder(boot_order).context("fw_cfg bootorder")?;
+    }
+    if let Some(ms) = boot_menu_ms {
+        f.set_boot_menu(true);
+        f.add_boot_menu_wait(ms)
+            .context("fw_cfg etc/boot-menu-wait")?;
     }
     Ok(f)
-}
-
-/// QEMU's `bootorder` file: one OpenFirmware path per line, NUL-terminated. Both SeaBIOS
-/// (prefix globs) and OVMF (QemuBootOrderLib) read it; OVMF then connects only these devices.
-pub fn bootorder_file(paths: &[String]) -> Vec<u8> {
-    let mut b = paths.join("\n").into_bytes();
-    b.push(0);
-    b
 }
 
 #[cfg(test)]
@@ -193,18 +192,6 @@ mod tests {
         let m = e820(4 << 30);
         assert_eq!(m[0], (0, 2 << 30, fw_cfg::E820_RAM));
         assert_eq!(m[1], (4 << 30, 2 << 30, fw_cfg::E820_RAM));
-    }
-
-    #[test]
-    fn bootorder_is_newline_separated_and_nul_terminated() {
-        let f = bootorder_file(&[
-            "/pci@i0cf8/scsi@3/channel@0/disk@1,0".into(),
-            "/pci@i0cf8/scsi@4/disk@0,0".into(),
-        ]);
-        assert_eq!(
-            f,
-            b"/pci@i0cf8/scsi@3/channel@0/disk@1,0\n/pci@i0cf8/scsi@4/disk@0,0\0".to_vec()
-        );
     }
 
     #[test]

@@ -132,8 +132,16 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         nvram = Some(flash);
     }
     if firmware.is_some() {
-        let fw_cfg =
-            crate::firmware::fw_cfg(&vm.mem, ram, (boot_cpus, max_cpus), &devices.boot_order())?;
+        let fw_cfg = crate::firmware::fw_cfg(
+            &vm.mem,
+            ram,
+            (boot_cpus, max_cpus),
+            &devices.boot_order(),
+            match &cfg.boot {
+                BootConfig::Firmware { boot_menu_ms, .. } => *boot_menu_ms,
+                BootConfig::Kernel { .. } => None,
+            },
+        )?;
         devices
             .pio_bus()
             .insert(

@@ -173,6 +173,10 @@ fn boot_disk_and_cd(disk_first: bool) -> (String, String) {
     );
     eprintln!("SeaBIOS → boot sector (disk first: {disk_first}) took {took:?}");
     assert_eq!(status, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        !out.contains("Press ESC for boot menu"),
+        "no menu unless asked: {out}"
+    );
     (out, err)
 }
 
@@ -220,6 +224,8 @@ fn seabios_boots_an_mbr_from_a_virtio_scsi_disk() {
             &spec,
             "--disk",
             "bus=scsi,device=cdrom",
+            "--boot-menu",
+            "200",
             "--serial",
             "stdio",
         ],
@@ -229,6 +235,8 @@ fn seabios_boots_an_mbr_from_a_virtio_scsi_disk() {
         out.contains("rvirt: booted from sda"),
         "stdout: {out}\nstderr: {err}"
     );
+    // fw_cfg BOOT_MENU + etc/boot-menu-wait: SeaBIOS offers its menu, then boots on its own.
+    assert!(out.contains("Press ESC for boot menu"), "stdout: {out}");
     assert_eq!(status, Some(0), "stdout: {out}\nstderr: {err}");
     // Both targets answer INQUIRY as QEMU's do (the empty drive at target 0 as an MMC
     // device), and the disk's READ CAPACITY gives its 2048 sectors.
