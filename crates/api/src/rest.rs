@@ -332,6 +332,25 @@ pub struct DetachRequest {
     pub scope: PinScope,
 }
 
+/// `POST /v1/domains/{name}/media` (virsh change-media): the disc in a CD-ROM drive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeMediaRequest {
+    /// The drive: its target (`sda`) or its current source path.
+    pub path: String,
+    /// The new disc (an ISO or raw image); absent with `eject`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// `eject`, `insert` (only into an empty drive) or `update` (the default: replace, or eject
+    /// without `source`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Eject even if the guest has locked the tray.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(flatten)]
+    pub scope: PinScope,
+}
+
 /// `GET /v1/domains/{name}/stats` (virsh domstats / domblkstat / domifstat).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainStats {

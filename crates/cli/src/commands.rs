@@ -569,6 +569,23 @@ pub fn run(c: &Client, cmd: Cmd) -> Out {
             },
             dev,
         ),
+        Cmd::ChangeMedia {
+            domain,
+            path,
+            source,
+            eject,
+            insert,
+            update,
+            force,
+            dev,
+        } => crate::live::change_media(
+            c,
+            &domain,
+            &path,
+            source,
+            (eject, insert, update, force),
+            dev,
+        ),
         Cmd::DetachDisk {
             domain,
             target,

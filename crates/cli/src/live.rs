@@ -385,6 +385,63 @@ pub fn detach(c: &Client, d: &str, what: DetachWhat, dev: DeviceScope) -> Out {
     Ok(())
 }
 
+/// virsh change-media: `path` is the drive's target or current disc; prints virsh's line.
+pub fn change_media(
+    c: &Client,
+    d: &str,
+    path: &str,
+    source: Option<String>,
+    (eject, insert, update, force): (bool, bool, bool, bool),
+    dev: DeviceScope,
+) -> Out {
+    if [eject, insert, update].iter().filter(|x| **x).count() > 1 {
+        return Err(vec![
+            "Options --eject, --insert and --update are mutually exclusive".into(),
+        ]);
+    }
+    let action = if eject {
+        "eject"
+    } else if insert {
+        "insert"
+    } else {
+        "update"
+    };
+    let scope = device_scope(c, d, dev)?;
+    let req = ChangeMediaRequest {
+        path: path.to_string(),
+        source: source.map(|s| absolute(&s)),
+        action: Some(action.into()),
+        force,
+        scope,
+    };
+    c.post::<serde_json::Value>(&dom_path(d, "/media"), &req)
+        .map_err(|e| {
+            fail(
+                Some(format!("Failed to complete action {action} on media")),
+                d,
+                e,
+            )
+        })?;
+    let done = match action {
+        "eject" => "ejected",
+        "insert" => "inserted",
+        _ => "updated",
+    };
+    println!("Successfully {done} media.");
+    Ok(())
+}
+
+/// The daemon resolves paths itself: make a relative one absolute here, as virsh users expect.
+fn absolute(p: &str) -> String {
+    let path = std::path::Path::new(p);
+    if path.is_absolute() {
+        return p.to_string();
+    }
+    std::env::current_dir()
+        .map(|d| d.join(path).display().to_string())
+        .unwrap_or_else(|_| p.to_string())
+}
+
 fn stats(c: &Client, d: &str) -> Result<DomainStats, Vec<String>> {
     let s: DomainStats = get(c, d, "/stats")?;
     if !s.state.is_active() {

@@ -354,6 +354,28 @@ pub enum Cmd {
         #[command(flatten)]
         dev: DeviceScope,
     },
+    /// Change, insert or eject the disc of a CD-ROM drive (virsh change-media).
+    ChangeMedia {
+        domain: String,
+        /// The drive: its target (sda) or the path of its current disc.
+        path: String,
+        /// The new disc (an ISO image).
+        source: Option<String>,
+        /// Eject the disc.
+        #[arg(long)]
+        eject: bool,
+        /// Insert a disc into an empty drive.
+        #[arg(long)]
+        insert: bool,
+        /// Replace the disc (the default; ejects without SOURCE).
+        #[arg(long)]
+        update: bool,
+        /// Eject even if the guest has locked the tray.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        dev: DeviceScope,
+    },
     /// Hot-unplug a disk and/or remove it from the definition.
     DetachDisk {
         domain: String,

@@ -465,3 +465,49 @@ fn unplug_that_the_guest_ignores_times_out() {
         .ok(&["vcpucount", "vm1"])
         .contains("current      live           2\n"));
 }
+
+#[test]
+fn change_media_and_domblklist_of_a_cdrom_drive() {
+    let Some(e) = Env::start(false) else { return };
+    let iso = e.path("d2.img");
+    let p = e.dir.path().join("cd.xml");
+    std::fs::write(
+        &p,
+        format!(
+            "<domain type='kvm'>\n  <name>vm1</name>\n  <memory unit='MiB'>128</memory>\n  <os>\n    <type>hvm</type>\n    <kernel>{k}</kernel>\n  </os>\n  <devices>\n    <disk type='file'>\n      <source file='{d}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n    <disk type='file' device='cdrom'>\n      <target dev='sda' bus='scsi'/>\n    </disk>\n  </devices>\n</domain>\n",
+            k = e.path("vmlinux"),
+            d = e.path("disk.img"),
+        ),
+    )
+    .unwrap();
+    e.ok(&["define", p.to_str().unwrap()]);
+    e.ok(&["start", "vm1"]);
+    // virsh's table: an empty drive shows '-'.
+    let l = e.ok(&["domblklist", "vm1", "--details"]);
+    assert!(l.contains("file   cdrom    sda      -"), "{l}");
+    assert_eq!(
+        e.ok(&["change-media", "vm1", "sda", &iso, "--insert"]),
+        "Successfully inserted media.\n"
+    );
+    let l = e.ok(&["domblklist", "vm1"]);
+    assert!(l.contains(&format!("sda      {iso}")), "{l}");
+    assert_eq!(
+        e.ok(&[
+            "change-media",
+            "vm1",
+            "sda",
+            "--eject",
+            "--config",
+            "--live"
+        ]),
+        "Successfully ejected media.\n"
+    );
+    assert!(!e.ok(&["dumpxml", "vm1", "--inactive"]).contains(&iso));
+    assert_eq!(
+        e.err(&["change-media", "vm1", "vda", "--eject"]),
+        "error: Failed to complete action eject on media\nerror: The disk device 'vda' is not removable\n"
+    );
+    assert!(e
+        .err(&["change-media", "vm1", "sda", "--eject", "--insert"])
+        .contains("mutually exclusive"));
+}

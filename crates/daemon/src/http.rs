@@ -63,6 +63,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route(&format!("{d}/memstats/period"), put(memstats_period))
         .route(&format!("{d}/devices"), post(attach_device))
         .route(&format!("{d}/devices/detach"), post(detach_device))
+        .route(&format!("{d}/media"), post(change_media))
         .route(&format!("{d}/devices/{{key}}"), delete(detach_key))
         .route(&format!("{d}/stats"), get(domstats))
         .route(&format!("{d}/monitor"), post(monitor))
@@ -253,6 +254,15 @@ async fn attach_device(
     Json(r): Json<AttachRequest>,
 ) -> R<AttachResponse> {
     Ok(Json(m.attach_device(&name, &r).await?))
+}
+
+async fn change_media(
+    State(m): M,
+    Path(name): Path<String>,
+    Json(r): Json<ChangeMediaRequest>,
+) -> R<Empty> {
+    m.change_media(&name, &r).await?;
+    ok()
 }
 
 async fn detach_device(

@@ -138,6 +138,29 @@ fn remove_device(dom: &mut Domain, key: &DeviceKey) -> Option<Element> {
     }
 }
 
+/// Sets (or, with `None`, removes) the `<source>` of disk `target`, where libvirt writes it
+/// (after `<driver>`).
+fn set_disk_source(dom: &mut Domain, target: &str, source: Option<&str>) {
+    let Some(devices) = dom.tree.child_mut("devices") else {
+        return;
+    };
+    let Some(el) = devices
+        .elements_mut()
+        .find(|e| e.name == "disk" && disk_target(e) == Some(target))
+    else {
+        return;
+    };
+    let attr = if el.attr("type") == Some("block") {
+        "dev"
+    } else {
+        "file"
+    };
+    el.remove_children("source");
+    if let Some(s) = source {
+        el.insert_after(&["driver"], Element::new("source").with_attr(attr, s));
+    }
+}
+
 /// `<target dev='TAP'/>` of a running interface, where libvirt writes it (before `<model>`).
 fn set_iface_target(el: &mut Element, tap: &str) {
     el.remove_children("target");
@@ -1094,6 +1117,134 @@ impl Manager {
             self.save_config(&slot, |d| {
                 remove_device(d, &dkey);
             })?;
+        }
+        Ok(())
+    }
+
+    /// virsh change-media: ejects, inserts or replaces the disc of a CD-ROM drive, in the
+    /// running guest (the VMM's drive reports the change, as a real one does) and/or in the
+    /// definition.
+    pub async fn change_media(&self, key: &str, req: &ChangeMediaRequest) -> ApiResult<()> {
+        let (name, slot) = self.find(key)?;
+        let _op = slot.op.lock().await;
+        let action = req.action.as_deref().unwrap_or("update");
+        let source = match (action, &req.source) {
+            ("eject", Some(_)) => {
+                return Err(ApiError::invalid_arg(
+                    "--eject takes no source; give --update SOURCE to replace the disc",
+                ))
+            }
+            ("eject", None) => None,
+            ("insert", None) => {
+                return Err(ApiError::invalid_arg("--insert needs the source to insert"))
+            }
+            ("insert" | "update", s) => s.clone(),
+            (other, _) => {
+                return Err(ApiError::invalid_arg(format!(
+                    "change-media action '{other}': use eject, insert or update"
+                )))
+            }
+        };
+        if let Some(s) = &source {
+            if let Err(e) = std::fs::metadata(s) {
+                return Err(ApiError::failed(format!(
+                    "Cannot access storage file '{s}': {}",
+                    e.to_string().split(" (os error").next().unwrap_or_default()
+                )));
+            }
+        }
+        let (live, config) = resolve_scope(&slot.lock(), req.scope)?;
+        // The drive, in the definition the change applies to first.
+        let find = |dom: &Domain| -> ApiResult<crate::xml::domain::Disk> {
+            let disk = dom
+                .def
+                .disks
+                .iter()
+                .find(|d| d.target == req.path || d.source.as_deref() == Some(req.path.as_str()))
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::failed(format!(
+                        "No disk found whose source path or target is {} in domain '{name}'",
+                        req.path
+                    ))
+                })?;
+            if disk.device != "cdrom" {
+                return Err(ApiError::invalid_op(format!(
+                    "The disk device '{}' is not removable",
+                    disk.target
+                )));
+            }
+            if action == "insert" && disk.source.is_some() {
+                return Err(ApiError::invalid_op(format!(
+                    "The disk device '{}' already has media; eject it first or use --update",
+                    disk.target
+                )));
+            }
+            Ok(disk)
+        };
+        if config {
+            find(&slot.lock().config)?;
+        }
+        if live {
+            let (run, dom) = Self::live_parts(&slot)?;
+            let disk = find(&dom)?;
+            let format = dom
+                .def
+                .disks
+                .iter()
+                .find(|d| d.target == disk.target)
+                .map(|d| match d.format {
+                    crate::xml::domain::DiskFormat::Raw => rvirt_api::vmm_config::DiskFormat::Raw,
+                    crate::xml::domain::DiskFormat::Qcow2 => {
+                        rvirt_api::vmm_config::DiskFormat::Qcow2
+                    }
+                });
+            match vmm_client::request(
+                &run.api_socket,
+                &Request::ChangeMedia {
+                    id: disk.alias.clone(),
+                    source: source.as_ref().map(Into::into),
+                    format,
+                    force: req.force,
+                },
+            )
+            .await
+            {
+                Ok(Response::Ok) => {}
+                Ok(Response::Error { message }) => {
+                    return Err(ApiError::failed(format!(
+                        "cannot change the media of {} in domain '{name}': {message}",
+                        disk.target
+                    )))
+                }
+                Ok(other) => {
+                    return Err(ApiError::internal(format!(
+                        "rvirt-vmm answered change-media with {other:?}"
+                    )))
+                }
+                Err(e) => return Err(vmm_failed(&name, "change the media", e)),
+            }
+            let mut st = slot.lock();
+            if let Some(l) = st.live.as_mut() {
+                set_disk_source(l, &disk.target, source.as_deref());
+                if let Err(e) = l.reparse() {
+                    tracing::warn!("domain '{name}': live definition after change-media: {e}");
+                }
+            }
+            self.persist_live(&st);
+            drop(st);
+            self.log(
+                &name,
+                &format!(
+                    "media of {}: {}",
+                    disk.target,
+                    source.as_deref().unwrap_or("ejected")
+                ),
+            );
+        }
+        if config {
+            let target = find(&slot.lock().config)?.target;
+            self.save_config(&slot, |d| set_disk_source(d, &target, source.as_deref()))?;
         }
         Ok(())
     }

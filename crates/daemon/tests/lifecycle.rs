@@ -1141,3 +1141,80 @@ fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package(
     );
     assert_eq!(cfg["disks"][0]["boot_order"], 1);
 }
+
+#[test]
+fn change_media_swaps_ejects_and_inserts_discs_live_and_in_the_definition() {
+    let d = Daemon::start();
+    let iso1 = d.dir.path().join("installer.iso");
+    let iso2 = d.dir.path().join("drivers.iso");
+    std::fs::write(&iso1, vec![0u8; 4096]).unwrap();
+    std::fs::write(&iso2, vec![0u8; 4096]).unwrap();
+    let cd = format!(
+        "<disk type='file' device='cdrom'><source file='{}'/><target dev='sda' bus='scsi'/><readonly/></disk>",
+        iso1.display()
+    );
+    let def = d
+        .xml("cd", "")
+        .replace("</devices>", &format!("{cd}</devices>"));
+    d.ok("POST", "/v1/domains", Some(json!({"xml": def})));
+    d.ok("POST", "/v1/domains/cd/start", None);
+    let media = |body: Value| d.call("POST", "/v1/domains/cd/media", Some(body));
+    let xml = |inactive: bool| {
+        let q = if inactive { "?inactive=true" } else { "" };
+        d.ok("GET", &format!("/v1/domains/cd/xml{q}"), None)["xml"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Replace the disc (default action update), live only: the definition keeps the first.
+    let (s, e) = media(json!({"path": "sda", "source": iso2}));
+    assert_eq!(s, 200, "{e}");
+    assert!(xml(false).contains(&format!("<source file='{}'/>", iso2.display())));
+    assert!(xml(true).contains(&format!("<source file='{}'/>", iso1.display())));
+    // A drive named by its disc: the running one has the new disc.
+    let (s, e) = media(json!({"path": iso2, "source": iso1, "live": true}));
+    assert_eq!(s, 200, "{e}");
+    // Eject live and in the definition: no <source> left in either, domblklist shows '-'.
+    let (s, e) = media(json!({"path": "sda", "action": "eject", "live": true, "config": true}));
+    assert_eq!(s, 200, "{e}");
+    for inactive in [false, true] {
+        let x = xml(inactive);
+        assert!(!x.contains(".iso"), "{x}");
+        assert!(
+            x.contains("<disk type='file' device='cdrom'>\n      <target dev='sda'"),
+            "{x}"
+        );
+    }
+    let blk = d.ok("GET", "/v1/domains/cd/disks", None);
+    assert!(blk.to_string().contains("\"source\":\"-\""), "{blk}");
+    // Insert into the empty drive; a second insert is refused (it has media now).
+    let (s, e) = media(json!({"path": "sda", "source": iso1, "action": "insert"}));
+    assert_eq!(s, 200, "{e}");
+    let (s, e) = media(json!({"path": "sda", "source": iso2, "action": "insert"}));
+    assert_eq!(s, 409, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("already has media"),
+        "{e}"
+    );
+    // Not a drive, no such drive, no such disc, bad action.
+    let (s, e) = media(json!({"path": "vda", "action": "eject"}));
+    assert_eq!(s, 409, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("not removable"),
+        "{e}"
+    );
+    let (s, e) = media(json!({"path": "sdz", "action": "eject"}));
+    assert_eq!(s, 500, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("No disk found"),
+        "{e}"
+    );
+    let (s, e) = media(json!({"path": "sda", "source": "/nonexistent.iso"}));
+    assert_eq!(s, 500, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("/nonexistent.iso"),
+        "{e}"
+    );
+    let (s, _) = media(json!({"path": "sda", "action": "spin"}));
+    assert_eq!(s, 400);
+}

@@ -417,9 +417,27 @@ fn handle(vm: &Arc<Vm>, req: Request) -> Response {
         }
         Request::AddNet { net } => add_device(vm, net.id, "net", net.tap),
         Request::RemoveDevice { id } => remove_device(vm, id),
-        Request::ChangeMedia { id, .. } => Response::Error {
-            message: format!("no CD-ROM drive {id:?} in this VM (CD-ROM drives: none)"),
-        },
+        // As rvirt-vmm: only CD-ROM drives of the configuration change media, and the disc
+        // must exist.
+        Request::ChangeMedia { id, source, .. } => {
+            let is_cd = config_file().is_some_and(|c| {
+                c.disks.iter().any(|d| {
+                    d.id.as_deref() == Some(id.as_str())
+                        && d.device == rvirt_api::vmm_config::DiskDevice::Cdrom
+                })
+            });
+            if !is_cd {
+                Response::Error {
+                    message: format!("no CD-ROM drive {id:?} in this VM"),
+                }
+            } else if source.as_ref().is_some_and(|p| !p.exists()) {
+                Response::Error {
+                    message: "cannot open the disc: no such file".into(),
+                }
+            } else {
+                Response::Ok
+            }
+        }
     }
 }
 
@@ -645,7 +663,13 @@ fn boot_devices() -> Vec<FakeDevice> {
     let mut out = Vec::new();
     let mut slot = FIRST_SLOT;
     if let Some(c) = config_file() {
-        for (i, d) in c.disks.iter().enumerate() {
+        // SCSI drives sit behind one controller and are not PCI functions of their own.
+        for (i, d) in c
+            .disks
+            .iter()
+            .filter(|d| d.bus == rvirt_api::vmm_config::DiskBus::Virtio)
+            .enumerate()
+        {
             out.push(FakeDevice {
                 id: d.id.clone().unwrap_or_else(|| format!("virtio-disk{i}")),
                 kind: "block",
