@@ -940,7 +940,35 @@ fn install(c: &Client, args: &install::InstallArgs) -> Out {
                 e,
             )
         })?;
+    if args.cdrom.is_some() {
+        // As virt-install: the definition the domain keeps boots its disk with the drive
+        // emptied; the running install keeps its disc until the installer reboots.
+        let final_xml = install::build_xml_phase(args, &disks, false).map_err(err)?;
+        let r2: Result<DefineResponse, _> = c.post(
+            "/v1/domains",
+            &DefineRequest {
+                xml: final_xml,
+                transient: false,
+            },
+        );
+        r2.map_err(|e| {
+            fail(
+                Some(format!(
+                    "Failed to define the post-install domain '{}'",
+                    r.name
+                )),
+                &r.name,
+                e,
+            )
+        })?;
+    }
     println!("Domain creation completed.");
+    if args.cdrom.is_some() {
+        println!(
+            "When the installer reboots, the domain shuts off; 'rvirt start {}' boots the installed system.",
+            r.name
+        );
+    }
     if args.noautoconsole {
         println!("You can reconnect to the console to complete the installation process with 'rvirt console {}'.", r.name);
         return Ok(());

@@ -348,6 +348,67 @@ fn install_creates_disk_defines_and_starts() {
 }
 
 #[test]
+fn install_from_a_cdrom_with_uefi_defines_the_install_then_the_installed_system() {
+    let Some(e) = Env::start() else { return };
+    let disk = e.dir.path().join("deb.qcow2");
+    let iso = e.dir.path().join("debian.iso");
+    std::fs::write(&iso, vec![0u8; 4096]).unwrap();
+    // The OVMF pair is Debian's (the ovmf package scripts/install-deps installs); the fake
+    // VMM runs no guest, so this checks what is defined, started and kept.
+    let out = e.ok(&[
+        "install",
+        "--name",
+        "deb",
+        "--memory",
+        "256",
+        "--cdrom",
+        iso.to_str().unwrap(),
+        "--disk",
+        &format!("path={},size=1,bus=scsi", disk.display()),
+        "--boot",
+        "uefi",
+        "--network",
+        "none",
+        "--noautoconsole",
+    ]);
+    assert!(out.contains("Domain creation completed."), "{out}");
+    assert!(
+        out.contains("'rvirt start deb' boots the installed system"),
+        "{out}"
+    );
+    // Running: the installer disc is in and boots first; a reboot ends the install.
+    let live = e.ok(&["dumpxml", "deb"]);
+    for needle in [
+        "<os firmware='efi'>",
+        "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>",
+        "<boot dev='cdrom'/>",
+        "<on_reboot>destroy</on_reboot>",
+        &format!("<source file='{}'/>", iso.display()),
+        "<target dev='sdb' bus='scsi'/>",
+    ] {
+        assert!(live.contains(needle), "{needle} missing in {live}");
+    }
+    // Kept: boots the disk, the drive is empty, the same NVRAM.
+    let kept = e.ok(&["dumpxml", "deb", "--inactive"]);
+    assert!(
+        !kept.contains("<boot dev='cdrom'/>") && kept.contains("<boot dev='hd'/>"),
+        "{kept}"
+    );
+    assert!(
+        !kept.contains("debian.iso") && kept.contains("<on_reboot>restart</on_reboot>"),
+        "{kept}"
+    );
+    assert!(kept.contains("deb_VARS.fd</nvram>"), "{kept}");
+    let blk = e.ok(&["domblklist", "deb"]);
+    assert!(blk.contains(&iso.display().to_string()), "{blk}");
+    e.ok(&["destroy", "deb"]);
+    // An undefine must say what happens to the variable store.
+    let err = e.err(&["undefine", "deb"]);
+    assert!(err.contains("cannot undefine domain with nvram"), "{err}");
+    e.ok(&["undefine", "deb", "--nvram"]);
+}
+
+#[test]
 fn completions_and_man_pages_are_generated() {
     let o = Command::new(env!("CARGO_BIN_EXE_rvirt"))
         .args(["completion", "bash"])

@@ -1015,6 +1015,13 @@ fn not_applied(def: &DomainDef) -> Vec<String> {
                 .to_string(),
         );
     }
+    if def.kernel.is_none() && def.boot.iter().any(|b| b == "network") {
+        w.push(
+            "<boot dev='network'/> is kept but not applied: rvirt's NICs have no PXE boot ROM; \
+             boot from a disk or CD-ROM"
+                .to_string(),
+        );
+    }
     if !def.has_balloon() && def.current_memory_kib < def.memory_kib {
         w.push(format!(
             "<currentMemory> {} KiB is below <memory> {} KiB but <memballoon model='none'/> gives \
