@@ -428,7 +428,7 @@ pub fn build_xml_phase(
             "      <driver name='qemu' type='{}'{cache}/>\n",
             d.format
         ));
-        if !(from_cdrom_flag && !install) {
+        if !from_cdrom_flag || install {
             x.push_str(&format!(
                 "      <source file='{}'/>\n",
                 esc(&d.path.display().to_string())
