@@ -3,6 +3,8 @@
 # "installs": copies the disc (a hybrid image that firmware boots from a disk too) onto the
 # first virtio disk. With the drive empty it is the installed system, booted from that disk.
 for m in $(cat /lib/modules/cd/order); do
+  # The order repeats the virtio core the guest's /init has loaded already.
+  [ -d "/sys/module/$(echo "$m" | tr - _)" ] && continue
   insmod "/lib/modules/cd/$m.ko" || fail "insmod $m"
 done
 token=$(cat /etc/rvirt/token)
@@ -12,8 +14,10 @@ elif mkdir -p /mnt && mount -t iso9660 -o ro /dev/sr0 /mnt 2>/tmp/mount.err; the
   pass cd.drive "sr0 $(cat /sys/block/sr0/device/vendor) $(cat /sys/block/sr0/device/model)"
   got=$(cat /mnt/rvirt/token 2>/dev/null)
   if [ "$got" = "$token" ]; then pass cd.read "/rvirt/token from the disc"; else fail cd.read "read '$got' want '$token'"; fi
+  t0=$(cut -d' ' -f1 /proc/uptime)
   if wait_for /dev/vda && dd if=/dev/sr0 of=/dev/vda bs=65536 conv=fsync 2>/tmp/dd.err; then
-    pass install.copy "$(cat /sys/block/sr0/size) sectors to vda"
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    pass install.copy "$(cat /sys/block/sr0/size) sectors to vda in $(awk "BEGIN { print $t1 - $t0 }") s"
   else
     fail install.copy "$(cat /tmp/dd.err)"
   fi

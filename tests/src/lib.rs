@@ -42,6 +42,7 @@ pub struct Scenario {
     files: Vec<(PathBuf, String)>,
     args: Vec<(String, String)>,
     qemu: bool,
+    outer_qemu: Option<String>,
     timeout: Duration,
 }
 
@@ -54,6 +55,7 @@ impl Scenario {
             files: Vec::new(),
             args: Vec::new(),
             qemu: false,
+            outer_qemu: None,
             timeout: Duration::from_secs(300),
         }
     }
@@ -80,6 +82,13 @@ impl Scenario {
     /// Adds qemu-system-x86_64 and its firmware to the test host (fixture check, benchmark peer).
     pub fn qemu(mut self) -> Self {
         self.qemu = true;
+        self
+    }
+
+    /// The QEMU that emulates the test host itself (`guest/testhost --outer-qemu`): `patched`
+    /// (guest/qemu's build, needed for OVMF inside the test host) or a path; default Debian's.
+    pub fn outer_qemu(mut self, which: &str) -> Self {
+        self.outer_qemu = Some(which.to_string());
         self
     }
 
@@ -141,6 +150,9 @@ impl TestHost {
         }
         if scenario.qemu {
             cmd.arg("--qemu");
+        }
+        if let Some(q) = &scenario.outer_qemu {
+            cmd.arg("--outer-qemu").arg(q);
         }
         let append: Vec<String> = scenario
             .args

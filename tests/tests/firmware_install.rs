@@ -61,3 +61,19 @@ fn seabios_installs_from_a_virtio_scsi_cdrom_then_boots_the_disk() {
     eprintln!("{}", out.summary());
     out.expect_passed(INSTALL);
 }
+
+/// The same install with Debian's OVMF and a private copy of its variable store. OVMF makes
+/// Debian's QEMU abort when it emulates the test host (docs/firmware-testing.md), so the test
+/// host runs under guest/qemu's patched build (built once and cached).
+#[test]
+fn ovmf_installs_from_a_virtio_scsi_cdrom_then_boots_the_disk() {
+    if let Some(why) = TestHost::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let out = TestHost::run(&scenario("efi").outer_qemu("patched")).expect("test host run");
+    eprintln!("{}", out.summary());
+    let mut want = INSTALL.to_vec();
+    want.push("efi.nvram");
+    out.expect_passed(&want);
+}
