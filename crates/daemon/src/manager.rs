@@ -250,6 +250,17 @@ impl Manager {
     ) -> ApiResult<(DefineResponse, Arc<Slot>)> {
         let mut dom = Domain::parse(xml)?;
         let name = dom.def.name.clone();
+        if dom.def.kernel.is_none() && dom.def.disks.is_empty() {
+            // Refused now rather than at start: the firmware would find nothing to boot.
+            return Err(ApiError::new(
+                ErrorCode::ConfigUnsupported,
+                format!(
+                    "unsupported configuration: domain '{name}' has no way to boot: no \
+                     <os><kernel> and no disk or CD-ROM for the firmware (rvirt has no network \
+                     boot); add a <kernel>, a <disk> or a <disk device='cdrom'>"
+                ),
+            ));
+        }
         dom.fill_firmware(&crate::firmware::default_nvram(&self.cfg.state_dir, &name));
         let (slot, new_guard) = {
             let mut slots = self.slots();

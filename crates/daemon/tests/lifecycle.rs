@@ -1112,6 +1112,14 @@ fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package(
          </devices></domain>",
         d.dir.path().join("disk.img").display()
     );
+    // Nothing to boot at all: refused at define, not at start.
+    let (status, err) = d.call(
+        "POST",
+        "/v1/domains",
+        Some(json!({"xml": "<domain type='kvm'><name>nothing</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"})),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("no way to boot"), "{err}");
     d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
     let (status, err) = d.call("POST", "/v1/domains/bios/start", None);
     assert_eq!(status, 500, "{err}");
