@@ -8,11 +8,14 @@
 . /lib/rvirt/scenario.sh
 fw=$(arg fw) || fw=bios
 case "$fw" in
-  bios) FW="--firmware /fw/bios-256k.bin" ;;
+  bios) FW="--firmware /fw/bios-256k.bin" mem=256M ;;
   efi)
-    # The per-VM copy of the template, as libvirt makes it.
+    # The per-VM copy of the template, as libvirt makes it. GRUB 2.06's EFI build sizes its
+    # heap from the RAM it finds and cannot load the kernel with 256 MiB (QEMU q35 with the
+    # same OVMF and CD fails the same way: "error: out of memory"); 1 GiB is virt-install's
+    # usual size anyway.
     cp /fw/OVMF_VARS_4M.fd /tmp/vars.fd
-    FW="--firmware /fw/OVMF_CODE_4M.fd --nvram /tmp/vars.fd"
+    FW="--firmware /fw/OVMF_CODE_4M.fd --nvram /tmp/vars.fd" mem=1024M
     ;;
   *) fail args "rvirt.fw=$fw is neither bios nor efi"; exit 1 ;;
 esac
@@ -20,7 +23,7 @@ limit=$(arg limit) || limit=400
 dd if=/dev/zero of=/tmp/disk.img bs=1048576 count=0 seek=64 2>/dev/null
 
 # shellcheck disable=SC2086
-run_guest install "$limit" rvirt-vmm $FW --memory 256M \
+run_guest install "$limit" rvirt-vmm $FW --memory "$mem" \
   --disk path=/tmp/disk.img,format=raw,bootindex=2 \
   --disk path=/fw/install.iso,bus=scsi,device=cdrom,bootindex=1 --serial stdio
 if grep -q 'rvirt-install: GRUB' /tmp/install.log; then
@@ -39,7 +42,7 @@ fi
 
 # The installed system: the disk boots (first in the order), the CD-ROM drive is empty.
 # shellcheck disable=SC2086
-run_guest installed "$limit" rvirt-vmm $FW --memory 256M \
+run_guest installed "$limit" rvirt-vmm $FW --memory "$mem" \
   --disk path=/tmp/disk.img,format=raw,bootindex=1 --disk bus=scsi,device=cdrom --serial stdio
 if [ "$fw" = efi ]; then
   # OVMF keeps its variables (boot options it made for the devices) in the store.
