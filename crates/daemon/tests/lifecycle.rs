@@ -1119,7 +1119,10 @@ fn a_domain_without_kernel_boots_seabios_and_missing_firmware_names_the_package(
         Some(json!({"xml": "<domain type='kvm'><name>nothing</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"})),
     );
     assert_eq!(status, 400, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("no way to boot"), "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("no way to boot"),
+        "{err}"
+    );
     d.ok("POST", "/v1/domains", Some(json!({"xml": xml})));
     let (status, err) = d.call("POST", "/v1/domains/bios/start", None);
     assert_eq!(status, 500, "{err}");
