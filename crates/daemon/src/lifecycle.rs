@@ -8,7 +8,7 @@ use crate::xml::Domain;
 use rvirt_api::rest::{DomainState, ErrorCode, StateReason};
 use rvirt_api::vmm::{Event, ExitReason, MemoryBackingInfo, Request, Response, RunState};
 use rvirt_api::vmm_config::{
-    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskBus, DiskConfig, DiskDevice, DiskFormat,
+    BalloonConfig, BootConfig, CacheMode, CpuConfig, DiskBus, DiskConfig, DiskDevice,
     MemoryBacking, MemoryConfig, NetConfig, SerialConfig, VcpuAffinity, VmConfig,
 };
 use std::path::{Path, PathBuf};
@@ -80,10 +80,7 @@ pub fn vmm_config(
             };
             Ok(DiskConfig {
                 path: d.source.as_ref().map(PathBuf::from),
-                format: Some(match d.format {
-                    crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
-                    crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-                }),
+                format: Some(d.format.vmm()),
                 readonly: d.readonly,
                 cache,
                 serial: d.serial.clone(),

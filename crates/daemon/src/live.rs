@@ -16,7 +16,7 @@ use crate::xml::tree::{Element, Node};
 use crate::xml::Domain;
 use rvirt_api::rest::*;
 use rvirt_api::vmm::{DeviceStats, Event, Request, Response};
-use rvirt_api::vmm_config::{CacheMode, DiskConfig, DiskFormat, NetConfig};
+use rvirt_api::vmm_config::{CacheMode, DiskConfig, NetConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -766,10 +766,7 @@ impl Manager {
                         .expect("a free alias");
                     let cfg = DiskConfig {
                         path: Some(source.clone().into()),
-                        format: Some(match disk.format {
-                            crate::xml::domain::DiskFormat::Raw => DiskFormat::Raw,
-                            crate::xml::domain::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-                        }),
+                        format: Some(disk.format.vmm()),
                         readonly: disk.readonly,
                         cache: disk
                             .cache
@@ -1188,17 +1185,7 @@ impl Manager {
         if live {
             let (run, dom) = Self::live_parts(&slot)?;
             let disk = find(&dom)?;
-            let format = dom
-                .def
-                .disks
-                .iter()
-                .find(|d| d.target == disk.target)
-                .map(|d| match d.format {
-                    crate::xml::domain::DiskFormat::Raw => rvirt_api::vmm_config::DiskFormat::Raw,
-                    crate::xml::domain::DiskFormat::Qcow2 => {
-                        rvirt_api::vmm_config::DiskFormat::Qcow2
-                    }
-                });
+            let format = Some(disk.format.vmm());
             match vmm_client::request(
                 &run.api_socket,
                 &Request::ChangeMedia {

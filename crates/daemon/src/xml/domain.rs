@@ -69,6 +69,14 @@ pub enum DiskFormat {
 }
 
 impl DiskFormat {
+    /// The VMM configuration's spelling of the same format.
+    pub fn vmm(self) -> rvirt_api::vmm_config::DiskFormat {
+        match self {
+            DiskFormat::Raw => rvirt_api::vmm_config::DiskFormat::Raw,
+            DiskFormat::Qcow2 => rvirt_api::vmm_config::DiskFormat::Qcow2,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DiskFormat::Raw => "raw",
